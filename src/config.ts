@@ -1,0 +1,71 @@
+// Parses and validates the environment (and `.env`) once into a frozen, typed Config.
+import { existsSync } from 'node:fs';
+import { z } from 'zod';
+
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+const seconds = (min: number, max: number) => z.coerce.number().min(min).max(max);
+const bool = z.enum(['true', 'false', '1', '0']).transform((v) => v === 'true' || v === '1');
+const list = z.string().transform((v) => v.split(',').map((s) => s.trim()).filter(Boolean));
+
+const schema = z.object({
+  NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
+  PORT: int(0, 65535).default(8000),
+  HOST: z.string().default('0.0.0.0'),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/ }).optional(),
+  DATABASE_POOL_MAX: int(1, 200).default(10),
+  DATA_DIR: z.string().min(1).default('.data'),
+  MEDIA_DIR: z.string().min(1).default('media'),
+  MAX_BODY_BYTES: int(1024, 10 * 1024 * 1024).default(64 * 1024),
+  IDEMPOTENCY_TTL_HOURS: int(1, 24 * 30).default(24),
+
+  PROVIDER: z.enum(['auto', 'local', 'replicate']).default('auto'),
+  LOCAL_PROVIDER_LATENCY_MS: int(0, 600_000).default(0),
+  REPLICATE_API_TOKEN: z.string().min(1).optional(),
+  REPLICATE_BASE_URL: z.url().default('https://api.replicate.com/v1'),
+  REPLICATE_MODEL: z.string().regex(/^[\w.-]+\/[\w.-]+(:[0-9a-f]{64})?$/, 'owner/name or owner/name:version').default('black-forest-labs/flux-schnell'),
+  REPLICATE_API_STYLE: z.enum(['replicate', 'cog']).default('replicate'),
+  REPLICATE_WAIT_SECONDS: int(1, 60).default(60),
+  REPLICATE_DEADLINE_SECONDS: int(5, 3600).default(600),
+  REPLICATE_POLL_INTERVAL_MS: int(10, 60_000).default(1000),
+  REPLICATE_MAX_RATE_LIMIT_WAIT_SECONDS: int(0, 600).default(30),
+  REPLICATE_DOWNLOAD_HOSTS: list.default(['replicate.delivery']),
+  REPLICATE_DOWNLOAD_MAX_BYTES: int(1024, 1024 * 1024 * 1024).default(50 * 1024 * 1024),
+  REPLICATE_DOWNLOAD_TIMEOUT_MS: int(100, 600_000).default(60_000),
+
+  JOB_RETRY_LIMIT: int(0, 100).default(5),
+  JOB_RETRY_DELAY_SECONDS: int(1, 3600).default(1),
+  JOB_RETRY_DELAY_MAX_SECONDS: int(1, 86_400).default(60),
+  JOB_TIMEOUT_SECONDS: int(1, 86_400).default(900),
+  JOB_HEARTBEAT_SECONDS: int(10, 3600).default(30),
+  WORKER_CONCURRENCY: int(1, 10_000).default(100),
+  WORKER_BATCH_SIZE: int(1, 500).default(20),
+  WORKER_POLL_INTERVAL_SECONDS: seconds(0.5, 60).default(2),
+  WORKER_SUPERVISE_INTERVAL_SECONDS: int(1, 3600).default(10),
+  SHUTDOWN_GRACE_SECONDS: int(0, 3600).default(30),
+  MAX_IMAGE_PIXELS: int(1, 1_000_000_000).default(64 * 1024 * 1024),
+  RUN_MIGRATIONS: bool.default(true),
+});
+
+export type Env = z.input<typeof schema>;
+export type Config = Readonly<z.output<typeof schema>>;
+
+export class ConfigError extends Error {}
+
+/** Validates `env`; throws a ConfigError naming every bad variable. */
+export function parseConfig(env: Record<string, string | undefined>): Config {
+  // An empty variable means "unset", as in most .env tooling.
+  const cleaned = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ''));
+  const result = schema.safeParse(cleaned);
+  if (!result.success) {
+    const lines = result.error.issues.map((i) => `  ${i.path.join('.')}: ${i.message}`);
+    throw new ConfigError(`invalid configuration:\n${lines.join('\n')}`);
+  }
+  return Object.freeze(result.data);
+}
+
+/** The process environment, with `.env` (if present) filling in what is not already set. */
+export function loadConfig(envFile = '.env'): Config {
+  if (existsSync(envFile)) process.loadEnvFile(envFile);
+  return parseConfig(process.env);
+}

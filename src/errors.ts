@@ -1,0 +1,50 @@
+// The one error vocabulary: typed codes that the HTTP layer maps to problem+json.
+
+export type ErrorCode =
+  | 'validation_failed'
+  | 'not_found'
+  | 'idempotency_conflict'
+  | 'job_finished'
+  | 'unavailable'
+  | 'payload_too_large'
+  | 'unsupported_media_type';
+
+const statusOf: Record<ErrorCode, number> = {
+  validation_failed: 400,
+  not_found: 404,
+  idempotency_conflict: 422,
+  job_finished: 409,
+  unavailable: 503,
+  payload_too_large: 413,
+  unsupported_media_type: 415,
+};
+
+export interface FieldError {
+  path: string;
+  message: string;
+}
+
+export class AppError extends Error {
+  readonly code: ErrorCode;
+  readonly status: number;
+  readonly errors?: FieldError[];
+
+  constructor(code: ErrorCode, message: string, errors?: FieldError[]) {
+    super(message);
+    this.name = 'AppError';
+    this.code = code;
+    this.status = statusOf[code];
+    this.errors = errors;
+  }
+}
+
+/** Errors that mean "the database is not reachable right now" rather than a bug. */
+export function isDatabaseUnavailable(err: unknown): boolean {
+  const e = err as { code?: string; message?: string } | undefined;
+  if (!e) return false;
+  const codes = ['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EPIPE', '57P01', '57P02', '57P03', '53300', '08000', '08003', '08006', '08001', '08004'];
+  if (e.code && codes.includes(e.code)) return true;
+  return /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|the database system is (starting up|shutting down)|Connection refused/i.test(
+    e.message ?? '',
+  );
+}

@@ -1,0 +1,104 @@
+// createApp(deps): the HTTP API. Requests (and, in tests, responses) are validated against openapi.yaml.
+import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import express, { type Express } from 'express';
+import * as OpenApiValidator from 'express-openapi-validator';
+import { pinoHttp } from 'pino-http';
+import swaggerUi from 'swagger-ui-express';
+import YAML from 'yaml';
+import type { Database } from '../db/database.ts';
+import { AppError } from '../errors.ts';
+import { getJobStatus, submitJob, type GenerateRequest, type JobServiceDeps } from '../jobs/job.service.ts';
+import { specPath } from '../jobs/parameters.ts';
+import type { Logger } from '../logger.ts';
+import type { MediaStorage } from '../media/storage.ts';
+import { errorHandler, notFoundHandler, sendProblem } from './problem.ts';
+import { sql } from 'kysely';
+
+export interface AppDeps extends JobServiceDeps {
+  db: Database;
+  storage: MediaStorage;
+  logger: Logger;
+  maxBodyBytes: number;
+  /** Validate every response against the contract (on in tests: a drift is a 500 there). */
+  validateResponses?: boolean;
+}
+
+const specText = readFileSync(specPath, 'utf8');
+
+export function createApp(deps: AppDeps): Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('query parser', 'simple');
+
+  app.use(
+    pinoHttp({
+      logger: deps.logger,
+      genReqId: (req, res) => {
+        const given = req.headers['x-request-id'];
+        const id = typeof given === 'string' && /^[\w.:-]{1,128}$/.test(given) ? given : randomUUID();
+        res.setHeader('X-Request-Id', id);
+        return id;
+      },
+      customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : res.statusCode >= 400 ? 'info' : 'debug'),
+      quietReqLogger: true,
+    }),
+  );
+
+  app.get('/openapi.yaml', (_req, res) => {
+    res.type('application/yaml').send(specText);
+  });
+  app.use('/docs', swaggerUi.serve, swaggerUi.setup(YAML.parse(specText), { customSiteTitle: 'Media generation API' }));
+
+  app.use(express.json({ limit: deps.maxBodyBytes, strict: true, type: 'application/json' }));
+  app.use(
+    OpenApiValidator.middleware({
+      apiSpec: specPath,
+      validateRequests: { allowUnknownQueryParameters: false, allErrors: true },
+      validateResponses: deps.validateResponses ?? false,
+      ignorePaths: /^\/docs(\/|$)/,
+      validateFormats: true,
+    }),
+  );
+
+  app.post('/generate', async (req, res) => {
+    const key = req.header('idempotency-key');
+    const { job, created } = await submitJob(deps, req.body as GenerateRequest, key);
+    res
+      .status(created ? 202 : 200)
+      .location(`/status/${job.id}`)
+      .json({ job_id: job.id, status: job.status });
+  });
+
+  app.get('/status/:job_id', async (req, res) => {
+    res.json(await getJobStatus(deps.db, req.params.job_id));
+  });
+
+  app.get('/media/:file', (req, res, next) => {
+    res.sendFile(req.params.file, { root: deps.storage.dir, dotfiles: 'deny', maxAge: '365d', immutable: true, etag: true, lastModified: true }, (err) => {
+      if (!err) return;
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as { status?: number }).status === 404) {
+        if (!res.headersSent) return next(new AppError('not_found', `no media file ${req.params.file}`));
+      }
+      next(err);
+    });
+  });
+
+  app.get('/healthz', (_req, res) => {
+    res.json({ status: 'ok' });
+  });
+
+  app.get('/readyz', async (_req, res) => {
+    try {
+      await sql`select 1`.execute(deps.db);
+      res.json({ status: 'ok' });
+    } catch {
+      res.set('Retry-After', '5');
+      sendProblem(res, { status: 503, detail: 'the database is not reachable', type: 'urn:problem:unavailable' });
+    }
+  });
+
+  app.use(notFoundHandler);
+  app.use(errorHandler);
+  return app;
+}

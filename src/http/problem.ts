@@ -1,0 +1,84 @@
+// Maps every error to RFC 9457 problem+json. Client mistakes become 4xx naming the field; an
+// unreachable database becomes 503 with Retry-After; anything else is a logged 500 with no internals.
+import type { ErrorRequestHandler, RequestHandler, Response } from 'express';
+import { AppError, isDatabaseUnavailable, type FieldError } from '../errors.ts';
+
+export interface Problem {
+  type: string;
+  title: string;
+  status: number;
+  detail?: string;
+  instance?: string;
+  errors?: FieldError[];
+}
+
+const titles: Record<number, string> = {
+  400: 'Bad Request',
+  404: 'Not Found',
+  405: 'Method Not Allowed',
+  406: 'Not Acceptable',
+  409: 'Conflict',
+  413: 'Content Too Large',
+  415: 'Unsupported Media Type',
+  422: 'Unprocessable Content',
+  500: 'Internal Server Error',
+  503: 'Service Unavailable',
+};
+
+export function sendProblem(res: Response, problem: Omit<Problem, 'type' | 'title'> & Partial<Problem>): void {
+  const body: Problem = {
+    type: problem.type ?? 'about:blank',
+    title: problem.title ?? titles[problem.status] ?? 'Error',
+    status: problem.status,
+    ...(problem.detail ? { detail: problem.detail } : {}),
+    ...(problem.instance ? { instance: problem.instance } : {}),
+    ...(problem.errors?.length ? { errors: problem.errors } : {}),
+  };
+  res.status(problem.status).type('application/problem+json').send(JSON.stringify(body));
+}
+
+export const RETRY_AFTER_SECONDS = 5;
+
+export const notFoundHandler: RequestHandler = (req, res) => {
+  sendProblem(res, { status: 404, detail: `no route for ${req.method} ${req.path}` });
+};
+
+interface HttpishError {
+  status?: number;
+  statusCode?: number;
+  type?: string;
+  message?: string;
+  errors?: { path?: string; message?: string }[];
+}
+
+export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
+  if (res.headersSent) {
+    req.log?.warn({ err }, 'error after the response started');
+    res.destroy();
+    return;
+  }
+  if (err instanceof AppError) {
+    if (err.status === 503) res.set('Retry-After', String(RETRY_AFTER_SECONDS));
+    return sendProblem(res, { status: err.status, detail: err.message, errors: err.errors, type: `urn:problem:${err.code}` });
+  }
+  if (isDatabaseUnavailable(err)) {
+    req.log?.warn({ err }, 'database unavailable');
+    res.set('Retry-After', String(RETRY_AFTER_SECONDS));
+    return sendProblem(res, { status: 503, detail: 'the database is not reachable right now; retry shortly', type: 'urn:problem:unavailable' });
+  }
+  const e = err as HttpishError;
+  const status = e.status ?? e.statusCode;
+  // body-parser errors
+  if (e.type === 'entity.too.large') return sendProblem(res, { status: 413, detail: 'the request body is larger than the limit' });
+  if (e.type === 'entity.parse.failed') return sendProblem(res, { status: 400, detail: `the body is not valid JSON: ${e.message}`, errors: [{ path: '/body', message: 'is not valid JSON' }] });
+  if (e.type === 'encoding.unsupported' || e.type === 'charset.unsupported') return sendProblem(res, { status: 415, detail: e.message });
+  // express-openapi-validator errors carry a status and per-field errors
+  if (typeof status === 'number' && status >= 400 && status < 500) {
+    const errors = (e.errors ?? []).map((fe) => ({ path: fe.path ?? '', message: fe.message ?? 'is invalid' }));
+    const detail = errors.length ? errors.map((fe) => `${fe.path} ${fe.message}`).join('; ') : (e.message ?? titles[status]);
+    if (status === 405) res.set('Allow', (err as { headers?: Record<string, string> }).headers?.Allow ?? '');
+    return sendProblem(res, { status, detail, errors });
+  }
+  req.log?.error({ err }, 'unhandled error');
+  sendProblem(res, { status: 500, detail: 'an unexpected error occurred; it has been logged' });
+};

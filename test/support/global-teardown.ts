@@ -1,1 +1,5 @@
-export default async function globalTeardown(): Promise<void> {}
+import type { TestPostgres } from './postgres.ts';
+
+export default async function globalTeardown(): Promise<void> {
+  await (globalThis as { __testPostgres?: TestPostgres }).__testPostgres?.stop();
+}

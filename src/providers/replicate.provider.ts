@@ -628,6 +628,9 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
           if (signal.aborted) throw signal.reason;
           throw providerError('retryable', `deadline of ${options.deadlineMs} ms exceeded`, context);
         }
+        // Failing while a prediction still runs (polling broke down, say): don't leave it running and
+        // billing while the job's retry starts another one.
+        await context.cancel?.();
         if (error instanceof ProviderError) throw error;
         throw mapRequestError(error, context);
       }

@@ -24,7 +24,7 @@ export type FaultRoute = Route | 'create' | 'any';
 
 export type Fault =
   /** 429 with Replicate's throttling body (`retry_after` seconds) and, unless `header: false`, a Retry-After header. */
-  | { kind: 'rate-limit'; route: FaultRoute; count: number; retryAfter?: number; header?: string | false }
+  | { kind: 'rate-limit'; route: FaultRoute; count: number; retryAfter?: number; header?: string | false; inBody?: boolean }
   /** A 5xx (default 503) with a problem body. */
   | { kind: 'server-error'; route: FaultRoute; count: number; status?: number; retryAfterHeader?: string }
   /** Reads the request, then destroys the connection without an answer. */
@@ -121,6 +121,7 @@ interface FakePrediction {
   output: unknown;
   error: string | null;
   polls: number;
+  completing?: boolean;
   scenario: Scenario;
   cog: boolean;
   timers: NodeJS.Timeout[];
@@ -269,13 +270,16 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
   };
 
   const complete = async (p: FakePrediction) => {
-    if (terminal(p)) return;
+    if (terminal(p) || p.completing) return;
+    p.completing = true;
     const outcome = p.scenario.outcome;
+    const output = outcome === 'succeeded' ? await makeOutput(p) : null;
+    if (terminal(p)) return; // canceled while the outputs were being made
     p.completedAt = Date.now();
     p.startedAt ??= p.createdAt;
     if (outcome === 'succeeded') {
       p.status = 'succeeded';
-      p.output = await makeOutput(p);
+      p.output = output;
     } else if (typeof outcome === 'object') {
       p.status = 'failed';
       p.error = outcome.failed;
@@ -353,7 +357,8 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
       output: null,
       error: null,
       polls: 0,
-      scenario: { ...state.scenario },
+      // Cog returns files as data: URIs unless told to upload them.
+      scenario: cog && state.scenario.output === 'delivery' ? { ...state.scenario, output: 'data-uri' } : { ...state.scenario },
       cog,
       timers: [],
       waiters: new Set(),
@@ -487,14 +492,18 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
       switch (fault.kind) {
         case 'rate-limit': {
           const seconds = fault.retryAfter ?? 1;
-          const header = fault.header === false ? {} : { 'retry-after': fault.header ?? String(Math.max(1, Math.ceil(seconds))) };
+          const header: Record<string, string> =
+            fault.header === false ? {} : { 'retry-after': fault.header ?? String(Math.max(1, Math.ceil(seconds))) };
           return sendJson(
             res,
             record,
             429,
-            problem(429, 'Request was throttled', `Request was throttled. Expected available in ${seconds} second${seconds === 1 ? '' : 's'}.`, {
-              retry_after: seconds,
-            }),
+            problem(
+              429,
+              'Request was throttled',
+              `Request was throttled. Expected available in ${seconds} second${seconds === 1 ? '' : 's'}.`,
+              fault.inBody === false ? {} : { retry_after: seconds },
+            ),
             header,
           );
         }
@@ -619,10 +628,6 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
     if (errors.length > 0) return sendJson(res, record, 422, { detail: errors });
     const existing = id ? state.predictions.get(id) : undefined;
     const p = existing ?? createPrediction('', '', input, true, id);
-    if (p.scenario.output === 'delivery' && state.scenario.output === 'delivery') {
-      // Cog returns files as data: URIs unless told to upload them.
-      p.scenario = { ...p.scenario, output: 'data-uri' };
-    }
     await waitUntilDone(p, 10 * 60_000, req);
     if (res.destroyed) return;
     advance(p);

@@ -624,7 +624,6 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
           : await generateOnReplicate(request, hooks, deadlineAt, interrupt, context);
       } catch (error) {
         if (signal.aborted || deadline.aborted || error instanceof Interrupted) {
-          await context.cancel?.();
           if (signal.aborted) throw signal.reason;
           throw providerError('retryable', `deadline of ${options.deadlineMs} ms exceeded`, context);
         }

@@ -37,7 +37,7 @@ export type Outcome = 'succeeded' | 'canceled' | 'aborted' | { failed: string };
 export type DeliveryBehaviour =
   | 'image'
   | 'garbage'
-  /** An honest but too large Content-Length (then bytes until the client goes away). */
+  /** A too large Content-Length, the image's bytes, then nothing (the connection stays open). */
   | 'huge'
   /** No Content-Length, chunked bytes until the client goes away. */
   | 'huge-chunked'
@@ -687,10 +687,16 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
         return;
       }
       case 'huge':
+        // Announces more than a client should accept, sends a first chunk, then stalls: only a client that
+        // goes by the Content-Length stops at once (one that waits for the bytes hangs until its timeout).
+        record.status = 200;
+        res.writeHead(200, { 'content-type': contentType, 'content-length': p.scenario.hugeBytes });
+        res.write(image);
+        return;
       case 'huge-chunked': {
         record.status = 200;
         const total = p.scenario.hugeBytes;
-        res.writeHead(200, { 'content-type': contentType, ...(behaviour === 'huge' ? { 'content-length': total } : {}) });
+        res.writeHead(200, { 'content-type': contentType });
         const chunk = Buffer.alloc(64 * 1024, 0);
         image.copy(chunk, 0, 0, Math.min(image.length, chunk.length));
         let sent = 0;

@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# Production image: Node 24 runs the TypeScript sources directly (type stripping), so there is no
+# build step; the image holds production dependencies only and runs as the unprivileged `node` user.
+
+FROM node:24-bookworm-slim AS deps
+WORKDIR /app
+COPY package.json package-lock.json ./
+# Production dependencies only: no embedded Postgres, no test tools. sharp's prebuilt libvips comes in
+# its platform package, so no install scripts are needed.
+RUN npm ci --omit=dev --ignore-scripts && npm cache clean --force
+
+FROM node:24-bookworm-slim AS runtime
+ENV NODE_ENV=production \
+    PORT=8000 \
+    MEDIA_DIR=/app/media \
+    RUN_MIGRATIONS=false
+WORKDIR /app
+COPY --from=deps --chown=node:node /app/node_modules ./node_modules
+COPY --chown=node:node package.json openapi.yaml ./
+COPY --chown=node:node migrations ./migrations
+COPY --chown=node:node src ./src
+RUN mkdir -p /app/media && chown node:node /app/media
+USER node
+EXPOSE 8000
+VOLUME ["/app/media"]
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["node", "-e", "fetch('http://127.0.0.1:' + (process.env.PORT || 8000) + '/readyz').then(r => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
+# The API by default; the worker and the one-shot migration use the same image (see docker-compose.yml).
+CMD ["node", "src/main-api.ts"]

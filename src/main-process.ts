@@ -1,12 +1,15 @@
 // Runs a Service as a process: logging, signals (first drains, second forces), exit codes.
 import { ConfigError, loadConfig, type Config } from './config.ts';
 import { createLogger, type Logger } from './logger.ts';
+import type { ImageProvider } from './providers/provider.ts';
 import { startService, type Service } from './service.ts';
 
 export interface ProcessOptions {
   role: 'all' | 'api' | 'worker';
   /** Resolves the database URL (main.ts may start an embedded Postgres) and what to release after. */
   database: (config: Config, logger: Logger) => Promise<{ url: string; release?: () => Promise<void> }>;
+  /** Replaces the configured provider (test processes count calls with it). */
+  provider?: (config: Config, databaseUrl: string) => ImageProvider;
 }
 
 export async function runProcess(options: ProcessOptions): Promise<void> {
@@ -49,6 +52,7 @@ export async function runProcess(options: ProcessOptions): Promise<void> {
       databaseUrl: db.url,
       api: options.role !== 'worker',
       worker: options.role !== 'api',
+      provider: options.provider?.(config, db.url),
     });
   } catch (err) {
     logger.fatal({ err }, 'failed to start');

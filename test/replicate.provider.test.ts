@@ -284,6 +284,16 @@ describe('rate limits and server errors', () => {
     expect(gets[1].at - gets[0].at).toBeGreaterThanOrEqual(990);
   });
 
+  test('a 429 that says when only in its detail text is waited out as it says', async () => {
+    server.faults.push({ kind: 'rate-limit', route: 'create', count: 1, retryAfter: 0.3, inBody: false, header: false });
+    const result = await provider().generate(request(), noAbort());
+
+    expect(result.images).toHaveLength(1);
+    const creates = server.requestsOf('create');
+    expect(creates.map((r) => r.status)).toEqual([429, 201]);
+    expect(creates[1].at - creates[0].at).toBeGreaterThanOrEqual(295);
+  });
+
   test.each([
     ['body and header', { header: '5' as const }],
     ['body only', { header: false as const }],
@@ -448,11 +458,14 @@ describe('downloads', () => {
     expect(server.requestsOf('delivery')).toHaveLength(0);
   });
 
-  test('plain http to a host that is not listed as an http origin is refused', async () => {
-    server.setScenario({ output: () => 'http://replicate.delivery/xezq/out-0.png' });
-    const error = await providerError(provider().generate(request(), noAbort()));
+  test('plain http is refused for a host allowed by name (https only)', async () => {
+    // `localhost` is allowed as a host name, which means https only; the output is plain http.
+    server.setScenario({ output: ({ foreignOrigin, id }) => `${foreignOrigin}/delivery/${id}/out-0.png` });
+    const error = await providerError(provider({ downloadHosts: ['replicate.delivery', 'localhost'] }).generate(request(), noAbort()));
+
     expect(error.kind).toBe('retryable');
-    expect(error.message).toMatch(/output 1 is on a host that is not allowed for downloads \(http:\/\/replicate\.delivery\)/);
+    expect(error.message).toMatch(/output 1 is on a host that is not allowed for downloads \(http:\/\/localhost:\d+\)/);
+    expect(server.requestsOf('delivery')).toHaveLength(0);
   });
 
   test('a redirect to an allowed host is followed', async () => {

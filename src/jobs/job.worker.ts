@@ -9,13 +9,13 @@ import type { Logger } from '../logger.ts';
 import { ImageDecodeError, normalizeImage } from '../media/normalize.ts';
 import { mediaFileName, type MediaStorage } from '../media/storage.ts';
 import { ProviderError, type ImageProvider } from '../providers/provider.ts';
-import { GENERATE, GENERATE_DEAD, type QueuePayloads } from '../queue/queue.ts';
-import { completeJob, failAbandonedJob, failAttempt, recordPrediction, startAttempt, type Output } from './job.repository.ts';
+import { GENERATE, GENERATE_DEAD, MAINTENANCE, type QueuePayloads } from '../queue/queue.ts';
+import { completeJob, expireIdempotencyKeys, failAbandonedJob, failAttempt, recordPrediction, startAttempt, type Output } from './job.repository.ts';
 import type { ResolvedParameters } from './parameters.ts';
 
 export type WorkerConfig = Pick<
   Config,
-  'WORKER_CONCURRENCY' | 'WORKER_BATCH_SIZE' | 'WORKER_POLL_INTERVAL_SECONDS' | 'MAX_IMAGE_PIXELS'
+  'WORKER_CONCURRENCY' | 'WORKER_BATCH_SIZE' | 'WORKER_POLL_INTERVAL_SECONDS' | 'MAX_IMAGE_PIXELS' | 'IDEMPOTENCY_TTL_HOURS'
 >;
 
 export interface WorkerDeps {
@@ -59,6 +59,8 @@ export async function startWorker(deps: WorkerDeps): Promise<void> {
     { ...polling, batchSize: 50, includeMetadata: true as const, perJobResults: true as const },
     (jobs: JobWithMetadata<QueuePayloads['generate-dead']>[]) => Promise.all(jobs.map((job) => settleDeadJob(deps, job))),
   );
+  await deps.boss.schedule(MAINTENANCE, '*/10 * * * *');
+  await deps.boss.work(MAINTENANCE, { pollingIntervalSeconds: 30 }, () => runMaintenance(deps));
   deps.logger.info({ provider: deps.provider.name, concurrency: config.WORKER_CONCURRENCY, batchSize }, 'worker started');
 }
 
@@ -135,12 +137,12 @@ async function failJob(
   const aborted = job.signal.aborted;
   const permanent = err instanceof ProviderError && err.kind === 'permanent';
   const kind = aborted ? 'aborted' : err instanceof ProviderError ? err.kind : 'internal';
+  const final = permanent || ctx.lastAttempt;
   const message = aborted
-    ? 'the attempt was stopped (worker shutdown or job timeout); it will be retried'
+    ? `the attempt was stopped (job timeout or worker shutdown)${final ? '' : '; it will be retried'}`
     : err instanceof ProviderError
       ? err.message
       : `internal error: ${(err as Error)?.message ?? String(err)}`;
-  const final = permanent || ctx.lastAttempt;
   const error = final && !permanent && ctx.attempt > 1 ? `gave up after ${ctx.attempt} attempts: ${message}` : message;
   const level = permanent || kind === 'internal' ? 'error' : 'warn';
   ctx.log[level]({ err, kind, final }, 'attempt failed');
@@ -159,6 +161,12 @@ async function failJob(
   }
   // A permanent failure goes to the dead-letter queue at once, skipping the retries it would waste.
   return { id: job.id, status: permanent ? 'deadletter' : 'failed', output: { error, kind } };
+}
+
+/** Housekeeping every 10 minutes: forget idempotency keys past their retention. */
+export async function runMaintenance(deps: Pick<WorkerDeps, 'db' | 'config' | 'logger'>): Promise<void> {
+  const forgotten = await expireIdempotencyKeys(deps.db, deps.config.IDEMPOTENCY_TTL_HOURS);
+  if (forgotten > 0) deps.logger.info({ forgotten }, 'idempotency keys expired');
 }
 
 /** A job the queue gave up on: make sure our row says failed (a no-op when the handler already said so). */

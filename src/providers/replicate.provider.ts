@@ -342,6 +342,7 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
         if (status === 429) {
           delay = rateLimitWaitMs(error) ?? retryAfter ?? backoffMs;
           if (delay > options.maxRateLimitWaitMs) return 0;
+          delay = Math.max(delay, Math.min(backoffMs, 1000)); // `retry_after: 0` must not become a busy loop
         } else {
           failures++;
           if (failures > maxRetries) return 0;
@@ -611,7 +612,7 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
   }
 
   return {
-    name: apiStyle === 'cog' ? 'cog' : 'replicate',
+    name: 'replicate',
     async generate(request: GenerationRequest, signal: AbortSignal, hooks?: GenerationHooks): Promise<GenerationResult> {
       signal.throwIfAborted();
       const deadlineAt = Date.now() + options.deadlineMs;
@@ -624,6 +625,7 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
           : await generateOnReplicate(request, hooks, deadlineAt, interrupt, context);
       } catch (error) {
         if (signal.aborted || deadline.aborted || error instanceof Interrupted) {
+          await context.cancel?.();
           if (signal.aborted) throw signal.reason;
           throw providerError('retryable', `deadline of ${options.deadlineMs} ms exceeded`, context);
         }
@@ -689,7 +691,7 @@ function errorDetail(body: unknown): string | undefined {
   return undefined;
 }
 
-/** The wait (ms) a 429 asks for: the body's `retry_after` (seconds), else a fractional `Retry-After`. */
+/** The wait (ms) a 429 asks for: the body's `retry_after` (seconds), else `Retry-After` (fractions too), else the detail's words. */
 function rateLimitWaitMs(error: RequestError): number | undefined {
   const response = error.response;
   if (!response) return undefined;
@@ -706,6 +708,10 @@ function rateLimitWaitMs(error: RequestError): number | undefined {
   if (typeof fromBody === 'string' && /^\d+(\.\d+)?$/.test(fromBody)) return Number(fromBody) * 1000;
   const header = response.headers['retry-after'];
   if (typeof header === 'string' && /^\d+(\.\d+)?$/.test(header.trim())) return Number(header) * 1000;
+  // Replicate's rate-limit docs show only a sentence: "Expected available in 1 second." / "Your rate limit resets in ~30s."
+  const detail = (body as { detail?: unknown } | undefined)?.detail;
+  const said = typeof detail === 'string' ? /(?:available in|resets in)\s*~?\s*(\d+(?:\.\d+)?)\s*s/i.exec(detail) : null;
+  if (said) return Number(said[1]) * 1000;
   return undefined;
 }
 

@@ -11,11 +11,14 @@ export interface QueuePayloads {
   generate: { jobId: string };
   /** A generate job pg-boss gave up on (retries spent, or expired on its last attempt). */
   'generate-dead': { jobId: string };
+  /** Periodic housekeeping (scheduled by pg-boss's cron, run by one worker at a time). */
+  maintenance: Record<string, never>;
 }
 export type QueueName = keyof QueuePayloads;
 
 export const GENERATE: QueueName = 'generate';
 export const GENERATE_DEAD: QueueName = 'generate-dead';
+export const MAINTENANCE: QueueName = 'maintenance';
 
 export type QueueConfig = Pick<
   Config,
@@ -63,6 +66,9 @@ export function generatePolicy(config: QueueConfig) {
 export async function ensureQueues(boss: PgBoss, config: QueueConfig): Promise<void> {
   if (!(await boss.getQueue(GENERATE_DEAD))) {
     await boss.createQueue(GENERATE_DEAD, { retryLimit: 10, retryBackoff: true, notify: true, partition: true });
+  }
+  if (!(await boss.getQueue(MAINTENANCE))) {
+    await boss.createQueue(MAINTENANCE, { policy: 'singleton', retryLimit: 0 });
   }
   if (!(await boss.getQueue(GENERATE))) {
     await boss.createQueue(GENERATE, { ...generatePolicy(config), deadLetter: GENERATE_DEAD, notify: true, partition: true });

@@ -348,7 +348,7 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
 
   function createPrediction(model: string, version: string, input: Record<string, unknown>, cog: boolean, id?: string): FakePrediction {
     const p: FakePrediction = {
-      id: id ?? randomBytes(13).toString('base64url').toLowerCase().replace(/[^a-z0-9]/g, 'x').slice(0, 26).padEnd(26, 'q'),
+      id: id ?? [...randomBytes(26)].map((b) => 'abcdefghijklmnopqrstuvwxyz0123456789'[b % 36]).join(''),
       model,
       version,
       input,

@@ -30,7 +30,7 @@ const schema = z.object({
   REPLICATE_POLL_INTERVAL_MS: int(10, 60_000).default(1000),
   REPLICATE_MAX_RATE_LIMIT_WAIT_SECONDS: int(0, 600).default(30),
   REPLICATE_DOWNLOAD_HOSTS: list.default(['replicate.delivery']),
-  REPLICATE_DOWNLOAD_MAX_BYTES: int(1024, 1024 * 1024 * 1024).default(50 * 1024 * 1024),
+  MAX_IMAGE_BYTES: int(1024, 1024 * 1024 * 1024).default(50 * 1024 * 1024),
   REPLICATE_DOWNLOAD_TIMEOUT_MS: int(100, 600_000).default(60_000),
 
   JOB_RETRY_LIMIT: int(0, 100).default(5),
@@ -45,7 +45,14 @@ const schema = z.object({
   SHUTDOWN_GRACE_SECONDS: int(0, 3600).default(30),
   MAX_IMAGE_PIXELS: int(1, 1_000_000_000).default(64 * 1024 * 1024),
   RUN_MIGRATIONS: bool.default(true),
+  WEBHOOK_SECRET: z.string().regex(/^whsec_[A-Za-z0-9+/]+={0,2}$/, 'whsec_ followed by base64').optional(),
+  WEBHOOK_RETRY_LIMIT: int(0, 50).default(8),
+  WEBHOOK_TIMEOUT_MS: int(100, 120_000).default(10_000),
+  METRICS_PORT: int(0, 65535).optional(),
 });
+
+/** Every variable the configuration knows (tests check `.env.example` documents exactly these). */
+export const configKeys: readonly string[] = Object.freeze(Object.keys(schema.shape));
 
 export type Env = z.input<typeof schema>;
 export type Config = Readonly<z.output<typeof schema>>;

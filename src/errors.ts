@@ -28,13 +28,16 @@ export class AppError extends Error {
   readonly code: ErrorCode;
   readonly status: number;
   readonly errors?: FieldError[];
+  /** Extension members of the problem document (e.g. the unchanged `job` of a 409). */
+  readonly extensions?: Record<string, unknown>;
 
-  constructor(code: ErrorCode, message: string, errors?: FieldError[]) {
+  constructor(code: ErrorCode, message: string, errors?: FieldError[], extensions?: Record<string, unknown>) {
     super(message);
     this.name = 'AppError';
     this.code = code;
     this.status = statusOf[code];
     this.errors = errors;
+    this.extensions = extensions;
   }
 }
 

@@ -1,14 +1,16 @@
 // Composition root: builds the parts from Config and wires them; main-*.ts pick which parts run.
-import type { Server } from 'node:http';
+import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { PgBoss } from 'pg-boss';
 import type { Config } from './config.ts';
 import { createDatabase, createPool, type Database } from './db/database.ts';
 import { migrate } from './db/migrate.ts';
 import { createApp } from './http/app.ts';
+import { createJobEventHub } from './jobs/job.events.ts';
 import { startWorker } from './jobs/job.worker.ts';
 import { redactUrl, type Logger } from './logger.ts';
 import { createLocalStorage } from './media/storage.ts';
+import { createMetrics, registerDatabaseGauges, type Metrics } from './metrics.ts';
 import { createProvider } from './providers/index.ts';
 import type { ImageProvider } from './providers/provider.ts';
 import { createBoss, ensureQueues } from './queue/queue.ts';
@@ -28,6 +30,7 @@ export interface Service {
   db: Database;
   boss: PgBoss;
   provider: ImageProvider;
+  metrics: Metrics;
   /** The port the API listens on (0 when the API is not running). */
   port: number;
   server?: Server;
@@ -37,6 +40,7 @@ export interface Service {
 
 export async function startService(options: ServiceOptions): Promise<Service> {
   const { config, logger, databaseUrl } = options;
+  // Released in reverse order of acquisition.
   const releasers: (() => Promise<void>)[] = [];
   const stop = async () => {
     for (const release of releasers.reverse()) {
@@ -53,47 +57,87 @@ export async function startService(options: ServiceOptions): Promise<Service> {
     logger.info({ database: redactUrl(databaseUrl) }, 'connecting');
     if (config.RUN_MIGRATIONS) await migrate(databaseUrl, logger);
 
-    const pool = createPool({ connectionString: databaseUrl, max: config.DATABASE_POOL_MAX, applicationName: `media-gen:${options.api ? 'api' : 'worker'}` });
+    const role = options.api && options.worker ? 'all' : options.api ? 'api' : 'worker';
+    const pool = createPool({ connectionString: databaseUrl, max: config.DATABASE_POOL_MAX, applicationName: `media-gen:${role}` });
     const db = createDatabase(pool);
     releasers.push(() => db.destroy());
 
+    const events = await createJobEventHub(databaseUrl, logger);
+    releasers.push(() => events.close());
+
     const boss = createBoss(databaseUrl, config.DATABASE_POOL_MAX, config, logger);
     await boss.start();
-    releasers.push(() => boss.stop({ graceful: true, timeout: Math.max(1, config.SHUTDOWN_GRACE_SECONDS) * 1000 }));
+    // Stopping pg-boss stops fetching, waits up to the grace period for running jobs, then fails what
+    // is left so another worker retries it.
+    releasers.push(async () => {
+      if (options.worker) logger.info({ graceSeconds: config.SHUTDOWN_GRACE_SECONDS }, 'worker draining');
+      await boss.stop({ graceful: true, timeout: Math.max(1, config.SHUTDOWN_GRACE_SECONDS) * 1000 });
+    });
     await ensureQueues(boss, config);
 
+    const metrics = createMetrics();
+    registerDatabaseGauges(metrics, db, boss);
     const provider = options.provider ?? createProvider(config, logger);
     const storage = await createLocalStorage(config.MEDIA_DIR);
 
     if (options.worker) {
-      await startWorker({ db, boss, provider, storage, config, logger });
-      // Stopping pg-boss (below) stops fetching, waits up to the grace period for running jobs, then
-      // fails what is left so another worker retries it.
-      releasers.push(async () => logger.info({ graceSeconds: config.SHUTDOWN_GRACE_SECONDS }, 'worker draining'));
+      const stopListening = await startWorker({ db, boss, provider, storage, config, logger, events, metrics });
+      releasers.push(async () => stopListening());
     }
 
     let server: Server | undefined;
     if (options.api) {
-      const app = createApp({ db, boss, storage, logger, provider: provider.name, queueConfig: config, maxBodyBytes: config.MAX_BODY_BYTES, validateResponses: options.validateResponses });
-      server = await new Promise<Server>((resolve, reject) => {
-        const s = app.listen(config.PORT, config.HOST, (err?: Error) => (err ? reject(err) : resolve(s)));
+      const app = createApp({
+        db,
+        boss,
+        storage,
+        logger,
+        events,
+        metrics,
+        provider: provider.name,
+        queueConfig: config,
+        webhookConfig: config,
+        maxBodyBytes: config.MAX_BODY_BYTES,
+        validateResponses: options.validateResponses,
       });
+      server = await listen(createServer(app.express), config.PORT, config.HOST);
       server.requestTimeout = 30_000;
       server.headersTimeout = 10_000;
-      const listening = server;
-      releasers.push(
-        () =>
-          new Promise<void>((resolve) => {
-            listening.close(() => resolve());
-            listening.closeIdleConnections();
-          }),
-      );
+      releasers.push(closer(server, app.closeStreams));
       logger.info({ port: (server.address() as AddressInfo).port, provider: provider.name }, 'API listening');
+    } else if (config.METRICS_PORT !== undefined) {
+      // A worker-only process serves its own metrics (its histograms live in this process).
+      const metricsServer = createServer(async (req, res) => {
+        if (req.url !== '/metrics') return void res.writeHead(404).end();
+        res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(await metrics.registry.metrics());
+      });
+      await listen(metricsServer, config.METRICS_PORT, config.HOST);
+      releasers.push(closer(metricsServer, () => {}));
+      logger.info({ port: (metricsServer.address() as AddressInfo).port }, 'worker metrics listening');
     }
 
-    return { db, boss, provider, server, port: server ? (server.address() as AddressInfo).port : 0, stop };
+    return { db, boss, provider, metrics, server, port: server ? (server.address() as AddressInfo).port : 0, stop };
   } catch (err) {
     await stop();
     throw err;
   }
+}
+
+function listen(server: Server, port: number, host: string): Promise<Server> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve(server);
+    });
+  });
+}
+
+function closer(server: Server, endStreams: () => void): () => Promise<void> {
+  return () =>
+    new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      endStreams();
+      server.closeIdleConnections();
+    });
 }

@@ -36,10 +36,19 @@ export interface JobAttempts {
   worker: string | null;
 }
 
+export interface JobEvents {
+  created_at: Generated<Timestamp>;
+  job_id: string;
+  progress: number | null;
+  seq: number;
+  status: string;
+}
+
 export interface Jobs {
   attempts: Generated<number>;
   created_at: Generated<Timestamp>;
   error: string | null;
+  event_seq: Generated<number>;
   finished_at: Timestamp | null;
   id: string;
   idempotency_key: string | null;
@@ -47,15 +56,42 @@ export interface Jobs {
   outputs: Generated<Json>;
   parameters: Json;
   prediction_id: string | null;
+  priority: Generated<number>;
+  progress: number | null;
   prompt: string;
   provider: string;
   request_hash: string | null;
   started_at: Timestamp | null;
   status: Generated<string>;
   updated_at: Generated<Timestamp>;
+  webhook_events_filter: string[] | null;
+  webhook_url: string | null;
+}
+
+export interface Settings {
+  name: string;
+  value: string;
+}
+
+export interface WebhookDeliveries {
+  attempts: Generated<number>;
+  created_at: Generated<Timestamp>;
+  delivered_at: Timestamp | null;
+  event: string;
+  history: Generated<Json>;
+  id: string;
+  job_id: string;
+  last_error: string | null;
+  last_status_code: number | null;
+  payload: Json;
+  status: Generated<string>;
+  url: string;
 }
 
 export interface DB {
   job_attempts: JobAttempts;
+  job_events: JobEvents;
   jobs: Jobs;
+  settings: Settings;
+  webhook_deliveries: WebhookDeliveries;
 }

@@ -55,6 +55,116 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/jobs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Jobs, newest first, with filters and cursor pagination. */
+        get: operations["listJobs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/jobs/{job_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The job (same body as `/status/{job_id}`). */
+        get: operations["getJob"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/jobs/{job_id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Cancel a job. A queued job never starts; a running one is stopped (its prediction too). */
+        post: operations["cancelJob"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/jobs/{job_id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Server-Sent Events, one per change of status, queue position or progress, ending with the terminal one.
+         * @description Each event's `data` is a JobEvent; its SSE `id` is the job's event number (`seq`). Event names:
+         *     `status` (the status changed), `progress` (the provider reported progress), `position` (the
+         *     job moved up the queue; it carries the id of the latest status event). The stream ends after
+         *     the event of a terminal status (`completed`, `failed`, `canceled`), whose data also holds the
+         *     whole job. Reconnect with `Last-Event-ID` to receive only what you missed; without it the
+         *     stream starts with the job's history.
+         */
+        get: operations["streamJobEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/webhooks/secret": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The secret webhook deliveries are signed with (as Replicate's `GET /v1/webhooks/default/secret`). */
+        get: operations["getWebhookSecret"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/metrics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Prometheus metrics of this process and of the job tables. */
+        get: operations["getMetrics"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -118,6 +228,18 @@ export interface components {
              *     the JSON of that object. Absent means all defaults.
              */
             parameters?: components["schemas"]["GenerationParameters"] | string;
+            /**
+             * @description Higher runs first among queued jobs; equal priorities run oldest first.
+             * @default 0
+             */
+            priority: number;
+            /**
+             * @description Where to POST the job (the `/status` body) on the events in `webhook_events_filter`.
+             *     Deliveries are signed like Replicate's (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
+             */
+            webhook_url?: string;
+            /** @description Which events to deliver (default `["completed"]`); `completed` covers every terminal status. */
+            webhook_events_filter?: ("start" | "progress" | "completed")[];
         };
         GenerationParameters: {
             /** @default 512 */
@@ -160,6 +282,8 @@ export interface components {
             /** @enum {string} */
             format: "png" | "webp" | "jpeg";
             bytes: number;
+            /** @description A small WebP preview (at most 256 px on its longer side). */
+            thumbnail_url?: string;
         };
         JobStatus: {
             /** Format: uuid */
@@ -180,7 +304,17 @@ export interface components {
             provider: string;
             /** @description The provider's id for the latest prediction, where it has one. */
             prediction_id?: string;
-            /** Format: date-time */
+            priority?: number;
+            /** @description While queued, 1 + the number of queued jobs that will run before this one. */
+            queue_position?: number;
+            /** @description While processing, how far the provider says it is (where it reports progress). */
+            progress?: number;
+            webhook_url?: string;
+            webhook_events_filter?: ("start" | "progress" | "completed")[];
+            /**
+             * Format: date-time
+             * @description When the job was accepted (queued).
+             */
             created_at: string;
             /** Format: date-time */
             updated_at: string;
@@ -188,6 +322,24 @@ export interface components {
             started_at?: string;
             /** Format: date-time */
             finished_at?: string;
+        };
+        JobEvent: {
+            /** Format: uuid */
+            job_id: string;
+            /** @description The job's event number (also the SSE id). */
+            seq: number;
+            status: components["schemas"]["JobState"];
+            /** Format: date-time */
+            at: string;
+            progress?: number;
+            queue_position?: number;
+            /** @description The whole job, on the terminal event. */
+            job?: components["schemas"]["JobStatus"];
+        };
+        JobList: {
+            jobs: components["schemas"]["JobStatus"][];
+            /** @description Pass as `cursor` for the next page; absent on the last page. */
+            next_cursor?: string;
         };
         Health: {
             /** @enum {string} */
@@ -381,6 +533,170 @@ export interface operations {
             };
             400: components["responses"]["BadRequest"];
             404: components["responses"]["NotFound"];
+        };
+    };
+    listJobs: {
+        parameters: {
+            query?: {
+                /** @description Only jobs in these states (repeat the parameter for several). */
+                status?: components["schemas"]["JobState"][];
+                /** @description Only jobs created strictly after this instant. */
+                created_after?: string;
+                /** @description Only jobs created strictly before this instant. */
+                created_before?: string;
+                limit?: number;
+                /** @description The `next_cursor` of the previous page. */
+                cursor?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A page of jobs. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            503: components["responses"]["Unavailable"];
+        };
+    };
+    getJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The job. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobStatus"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            404: components["responses"]["NotFound"];
+            503: components["responses"]["Unavailable"];
+        };
+    };
+    cancelJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The job, now `canceled`. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobStatus"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            404: components["responses"]["NotFound"];
+            /** @description The job had already finished; it is unchanged (`job` holds it). */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"] & {
+                        job: components["schemas"]["JobStatus"];
+                    };
+                };
+            };
+            503: components["responses"]["Unavailable"];
+        };
+    };
+    streamJobEvents: {
+        parameters: {
+            query?: never;
+            header?: {
+                "Last-Event-ID"?: string;
+            };
+            path: {
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The event stream. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": string;
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            404: components["responses"]["NotFound"];
+            503: components["responses"]["Unavailable"];
+        };
+    };
+    getWebhookSecret: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The signing secret. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @description `whsec_` followed by the base64 key. */
+                        key: string;
+                    };
+                };
+            };
+            503: components["responses"]["Unavailable"];
+        };
+    };
+    getMetrics: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Prometheus text exposition format. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": string;
+                };
+            };
         };
     };
     getHealth: {

@@ -1,33 +1,44 @@
 // createApp(deps): the HTTP API. Requests (and, in tests, responses) are validated against openapi.yaml.
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import express, { type Express } from 'express';
+import express, { type Express, type Response } from 'express';
 import * as OpenApiValidator from 'express-openapi-validator';
+import { sql } from 'kysely';
 import { pinoHttp } from 'pino-http';
 import swaggerUi from 'swagger-ui-express';
 import YAML from 'yaml';
-import type { Database } from '../db/database.ts';
 import { AppError } from '../errors.ts';
-import { getJobStatus, submitJob, type GenerateRequest, type JobServiceDeps } from '../jobs/job.service.ts';
+import type { JobEventHub } from '../jobs/job.events.ts';
+import { cancelJob, getJobStatus, listJobs, submitJob, type GenerateRequest, type JobServiceDeps, type ListQuery } from '../jobs/job.service.ts';
 import { specPath } from '../jobs/parameters.ts';
 import type { Logger } from '../logger.ts';
 import type { MediaStorage } from '../media/storage.ts';
+import type { Metrics } from '../metrics.ts';
+import { getWebhookSecret } from '../webhooks/webhook.service.ts';
+import { streamJobEvents } from './job-events.stream.ts';
 import { errorHandler, notFoundHandler, sendProblem } from './problem.ts';
-import { sql } from 'kysely';
 
 export interface AppDeps extends JobServiceDeps {
-  db: Database;
   storage: MediaStorage;
   logger: Logger;
+  events: JobEventHub;
+  metrics: Metrics;
   maxBodyBytes: number;
   /** Validate every response against the contract (on in tests: a drift is a 500 there). */
   validateResponses?: boolean;
 }
 
+export interface App {
+  express: Express;
+  /** Ends the open event streams (on shutdown, so the server can close). */
+  closeStreams(): void;
+}
+
 const specText = readFileSync(specPath, 'utf8');
 
-export function createApp(deps: AppDeps): Express {
+export function createApp(deps: AppDeps): App {
   const app = express();
+  const streams = new Set<Response>();
   app.disable('x-powered-by');
   app.set('query parser', 'simple');
 
@@ -62,8 +73,7 @@ export function createApp(deps: AppDeps): Express {
   );
 
   app.post('/generate', async (req, res) => {
-    const key = req.header('idempotency-key');
-    const { job, created } = await submitJob(deps, req.body as GenerateRequest, key);
+    const { job, created } = await submitJob(deps, req.body as GenerateRequest, req.header('idempotency-key'));
     res
       .status(created ? 202 : 200)
       .location(`/status/${job.id}`)
@@ -74,6 +84,26 @@ export function createApp(deps: AppDeps): Express {
     res.json(await getJobStatus(deps.db, req.params.job_id));
   });
 
+  app.get('/jobs', async (req, res) => {
+    res.json(await listJobs(deps.db, req.query as ListQuery));
+  });
+
+  app.get('/jobs/:job_id', async (req, res) => {
+    res.json(await getJobStatus(deps.db, req.params.job_id));
+  });
+
+  app.post('/jobs/:job_id/cancel', async (req, res) => {
+    res.json(await cancelJob(deps, req.params.job_id));
+  });
+
+  app.get('/jobs/:job_id/events', async (req, res) => {
+    await streamJobEvents({ db: deps.db, events: deps.events, streams }, req, res);
+  });
+
+  app.get('/webhooks/secret', async (_req, res) => {
+    res.json({ key: await getWebhookSecret(deps.db, deps.webhookConfig.WEBHOOK_SECRET) });
+  });
+
   app.get('/media/:file', (req, res, next) => {
     res.sendFile(req.params.file, { root: deps.storage.dir, dotfiles: 'deny', maxAge: '365d', immutable: true, etag: true, lastModified: true }, (err) => {
       if (!err) return;
@@ -82,6 +112,10 @@ export function createApp(deps: AppDeps): Express {
       }
       next(err);
     });
+  });
+
+  app.get('/metrics', async (_req, res) => {
+    res.type(deps.metrics.registry.contentType).send(await deps.metrics.registry.metrics());
   });
 
   app.get('/healthz', (_req, res) => {
@@ -100,5 +134,11 @@ export function createApp(deps: AppDeps): Express {
 
   app.use(notFoundHandler);
   app.use(errorHandler);
-  return app;
+  return {
+    express: app,
+    closeStreams: () => {
+      for (const res of streams) res.end();
+      streams.clear();
+    },
+  };
 }

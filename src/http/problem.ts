@@ -12,6 +12,12 @@ export interface Problem {
   errors?: FieldError[];
 }
 
+export interface ProblemInput extends Partial<Problem> {
+  status: number;
+  /** Extension members, e.g. the unchanged `job` of a 409. */
+  extensions?: Record<string, unknown>;
+}
+
 const titles: Record<number, string> = {
   400: 'Bad Request',
   404: 'Not Found',
@@ -25,8 +31,9 @@ const titles: Record<number, string> = {
   503: 'Service Unavailable',
 };
 
-export function sendProblem(res: Response, problem: Omit<Problem, 'type' | 'title'> & Partial<Problem>): void {
-  const body: Problem = {
+export function sendProblem(res: Response, problem: ProblemInput): void {
+  const body: Problem & Record<string, unknown> = {
+    ...problem.extensions,
     type: problem.type ?? 'about:blank',
     title: problem.title ?? titles[problem.status] ?? 'Error',
     status: problem.status,
@@ -59,7 +66,7 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
   }
   if (err instanceof AppError) {
     if (err.status === 503) res.set('Retry-After', String(RETRY_AFTER_SECONDS));
-    return sendProblem(res, { status: err.status, detail: err.message, errors: err.errors, type: `urn:problem:${err.code}` });
+    return sendProblem(res, { extensions: err.extensions, status: err.status, detail: err.message, errors: err.errors, type: `urn:problem:${err.code}` });
   }
   if (isDatabaseUnavailable(err)) {
     req.log?.warn({ err }, 'database unavailable');

@@ -17,6 +17,9 @@ export interface NewJob {
   prompt: string;
   parameters: ResolvedParameters;
   provider: string;
+  priority: number;
+  webhookUrl?: string;
+  webhookEventsFilter?: string[];
   idempotencyKey?: string;
   requestHash?: string;
 }
@@ -30,6 +33,9 @@ export async function insertJob(trx: Tx, job: NewJob): Promise<JobRow | undefine
       prompt: job.prompt,
       parameters: JSON.stringify(job.parameters),
       provider: job.provider,
+      priority: job.priority,
+      webhook_url: job.webhookUrl ?? null,
+      webhook_events_filter: job.webhookUrl ? (job.webhookEventsFilter ?? ['completed']) : null,
       idempotency_key: job.idempotencyKey ?? null,
       request_hash: job.requestHash ?? null,
     })
@@ -61,6 +67,7 @@ export async function startAttempt(trx: Tx, jobId: string, number: number, worke
     .set({
       status: 'processing',
       attempts: number,
+      progress: null,
       started_at: sql`coalesce(started_at, now())`,
       updated_at: sql`now()`,
     })
@@ -95,26 +102,26 @@ export interface AttemptReport {
   predictTimeMs?: number;
 }
 
-/** Completes the job if attempt `number` still owns it; returns false when it did not (a stale replay). */
-export async function completeJob(db: Database, jobId: string, number: number, outputs: Output[], report: AttemptReport): Promise<boolean> {
-  return db.transaction().execute(async (trx) => {
-    const done = await trx
-      .updateTable('jobs')
-      .set({
-        status: 'completed',
-        outputs: JSON.stringify(outputs),
-        last_error: null,
-        finished_at: sql`now()`,
-        updated_at: sql`now()`,
-        ...(report.predictionId ? { prediction_id: report.predictionId } : {}),
-      })
-      .where('id', '=', jobId)
-      .where('status', '=', 'processing')
-      .where('attempts', '=', number)
-      .executeTakeFirst();
-    await endAttempt(trx, jobId, number, 'succeeded', undefined, report);
-    return done.numUpdatedRows > 0n;
-  });
+/** Completes the job if attempt `number` still owns it; returns the row, or undefined for a stale replay. */
+export async function completeJob(trx: Tx, jobId: string, number: number, outputs: Output[], report: AttemptReport): Promise<JobRow | undefined> {
+  const job = await trx
+    .updateTable('jobs')
+    .set({
+      status: 'completed',
+      outputs: JSON.stringify(outputs),
+      last_error: null,
+      progress: null,
+      finished_at: sql`now()`,
+      updated_at: sql`now()`,
+      ...(report.predictionId ? { prediction_id: report.predictionId } : {}),
+    })
+    .where('id', '=', jobId)
+    .where('status', '=', 'processing')
+    .where('attempts', '=', number)
+    .returningAll()
+    .executeTakeFirst();
+  await endAttempt(trx, jobId, number, job ? 'succeeded' : 'canceled', undefined, report);
+  return job;
 }
 
 export interface AttemptFailure extends AttemptReport {
@@ -125,24 +132,30 @@ export interface AttemptFailure extends AttemptReport {
 }
 
 /** Records a failed attempt; the job either waits for its retry (`queued`) or fails for good. */
-export async function failAttempt(db: Database, jobId: string, number: number, failure: AttemptFailure): Promise<void> {
-  await db.transaction().execute(async (trx) => {
-    await trx
-      .updateTable('jobs')
-      .set({
-        status: failure.final ? 'failed' : 'queued',
-        last_error: failure.error,
-        error: failure.final ? failure.error : null,
-        finished_at: failure.final ? sql`now()` : null,
-        updated_at: sql`now()`,
-        ...(failure.predictionId ? { prediction_id: failure.predictionId } : {}),
-      })
-      .where('id', '=', jobId)
-      .where('status', '=', 'processing')
-      .where('attempts', '=', number)
-      .execute();
-    await endAttempt(trx, jobId, number, 'failed', failure, failure);
-  });
+export async function failAttempt(trx: Tx, jobId: string, number: number, failure: AttemptFailure): Promise<JobRow | undefined> {
+  const job = await trx
+    .updateTable('jobs')
+    .set({
+      status: failure.final ? 'failed' : 'queued',
+      last_error: failure.error,
+      error: failure.final ? failure.error : null,
+      progress: null,
+      finished_at: failure.final ? sql`now()` : null,
+      updated_at: sql`now()`,
+      ...(failure.predictionId ? { prediction_id: failure.predictionId } : {}),
+    })
+    .where('id', '=', jobId)
+    .where('status', '=', 'processing')
+    .where('attempts', '=', number)
+    .returningAll()
+    .executeTakeFirst();
+  await endAttempt(trx, jobId, number, job ? 'failed' : 'canceled', failure, failure);
+  return job;
+}
+
+/** Ends a running attempt whose job was canceled meanwhile. */
+export async function cancelAttempt(trx: Tx, jobId: string, number: number, report: AttemptReport): Promise<void> {
+  await endAttempt(trx, jobId, number, 'canceled', { error: 'the job was canceled', kind: 'canceled' }, report);
 }
 
 async function endAttempt(
@@ -171,29 +184,96 @@ async function endAttempt(
 
 /**
  * Fails a job the queue gave up on without our handler finishing it (a worker died on the last attempt,
- * or the job expired). Leaves finished jobs alone.
+ * or the job expired). Leaves finished jobs alone; returns the row when it changed it.
  */
-export async function failAbandonedJob(db: Database, jobId: string, reason: string): Promise<boolean> {
-  return db.transaction().execute(async (trx) => {
-    const res = await trx
-      .updateTable('jobs')
-      .set({
-        status: 'failed',
-        error: sql<string>`coalesce(last_error, ${reason})`,
-        finished_at: sql`now()`,
-        updated_at: sql`now()`,
-      })
-      .where('id', '=', jobId)
-      .where('status', 'in', ACTIVE)
-      .executeTakeFirst();
-    await trx
-      .updateTable('job_attempts')
-      .set({ outcome: 'interrupted', finished_at: sql`now()`, error: reason, error_kind: 'interrupted' })
-      .where('job_id', '=', jobId)
-      .where('outcome', '=', 'running')
-      .execute();
-    return res.numUpdatedRows > 0n;
-  });
+export async function failAbandonedJob(trx: Tx, jobId: string, reason: string): Promise<JobRow | undefined> {
+  const job = await trx
+    .updateTable('jobs')
+    .set({
+      status: 'failed',
+      error: sql<string>`coalesce(last_error, ${reason})`,
+      progress: null,
+      finished_at: sql`now()`,
+      updated_at: sql`now()`,
+    })
+    .where('id', '=', jobId)
+    .where('status', 'in', ACTIVE)
+    .returningAll()
+    .executeTakeFirst();
+  await trx
+    .updateTable('job_attempts')
+    .set({ outcome: 'interrupted', finished_at: sql`now()`, error: reason, error_kind: 'interrupted' })
+    .where('job_id', '=', jobId)
+    .where('outcome', '=', 'running')
+    .execute();
+  return job;
+}
+
+/** Cancels a queued or processing job; returns the row, or undefined when it had already finished. */
+export async function cancelJob(trx: Tx, jobId: string): Promise<JobRow | undefined> {
+  return trx
+    .updateTable('jobs')
+    .set({ status: 'canceled', progress: null, finished_at: sql`now()`, updated_at: sql`now()`, error: null })
+    .where('id', '=', jobId)
+    .where('status', 'in', ACTIVE)
+    .returningAll()
+    .executeTakeFirst();
+}
+
+/** Records a provider's progress on the attempt that owns the job; returns the row when it changed. */
+export async function setProgress(db: Database | Tx, jobId: string, number: number, progress: number): Promise<JobRow | undefined> {
+  return db
+    .updateTable('jobs')
+    .set({ progress, updated_at: sql`now()` })
+    .where('id', '=', jobId)
+    .where('status', '=', 'processing')
+    .where('attempts', '=', number)
+    .returningAll()
+    .executeTakeFirst();
+}
+
+/** 1 + the queued jobs that run before this one (higher priority, then older), or undefined if not queued. */
+export async function queuePosition(db: Database, job: Pick<JobRow, 'id' | 'status' | 'priority' | 'created_at'>): Promise<number | undefined> {
+  if (job.status !== 'queued') return undefined;
+  const { ahead } = await db
+    .selectFrom('jobs')
+    .select((eb) => eb.fn.countAll<number>().as('ahead'))
+    .where('status', '=', 'queued')
+    .where((eb) =>
+      eb.or([
+        eb('priority', '>', job.priority),
+        eb.and([eb('priority', '=', job.priority), eb(eb.refTuple('created_at', 'id'), '<', eb.tuple(job.created_at, job.id))]),
+      ]),
+    )
+    .executeTakeFirstOrThrow();
+  return Number(ahead) + 1;
+}
+
+export interface JobFilter {
+  statuses?: JobState[];
+  createdAfter?: Date;
+  createdBefore?: Date;
+  /** Continue after this job (the last of the previous page). */
+  after?: { createdAt: Date; id: string };
+  limit: number;
+}
+
+/** Jobs newest first (created_at, then id, descending), filtered; keyset pagination. */
+export async function listJobs(db: Database, filter: JobFilter): Promise<JobRow[]> {
+  let q = db.selectFrom('jobs').selectAll();
+  if (filter.statuses?.length) q = q.where('status', 'in', filter.statuses);
+  if (filter.createdAfter) q = q.where('created_at', '>', filter.createdAfter);
+  if (filter.createdBefore) q = q.where('created_at', '<', filter.createdBefore);
+  if (filter.after) {
+    const { createdAt, id } = filter.after;
+    q = q.where((eb) => eb(eb.refTuple('created_at', 'id'), '<', eb.tuple(createdAt, id)));
+  }
+  return q.orderBy('created_at', 'desc').orderBy('id', 'desc').limit(filter.limit).execute();
+}
+
+/** Status changes of a job after event `afterSeq`, oldest first (what an SSE client missed). */
+export async function listJobEvents(db: Database, jobId: string, afterSeq: number) {
+  return db.selectFrom('job_events').selectAll().where('job_id', '=', jobId).where('seq', '>', afterSeq).orderBy('seq').execute();
 }
 
 /** Forgets idempotency keys older than the retention; returns how many were forgotten. */

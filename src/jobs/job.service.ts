@@ -1,20 +1,25 @@
-// Job use cases: submit (row + queue entry in one transaction) and the public view of a job.
+// Job use cases: submit (row + queue entry in one transaction), read, list, cancel.
 import { createHash, randomUUID } from 'node:crypto';
-import type { PgBoss } from 'pg-boss';
+import { fromKysely, type PgBoss } from 'pg-boss';
 import type { Database } from '../db/database.ts';
 import { AppError } from '../errors.ts';
 import type { components } from '../http/api-types.ts';
-import { enqueueGenerate, type QueueConfig } from '../queue/queue.ts';
-import { findJob, findJobByIdempotencyKey, insertJob, type JobRow, type Output } from './job.repository.ts';
+import { enqueueGenerate, GENERATE, type QueueConfig } from '../queue/queue.ts';
+import { enqueueWebhook, type WebhookConfig } from '../webhooks/webhook.service.ts';
+import * as jobs from './job.repository.ts';
+import type { JobRow, JobState } from './job.repository.ts';
 import { resolveParameters, type GenerationParameters, type ResolvedParameters } from './parameters.ts';
+import { toStatusView, type JobStatusView } from './job.view.ts';
 
-export type JobStatusView = components['schemas']['JobStatus'];
 export type GenerateRequest = components['schemas']['GenerateRequest'];
+export type JobList = components['schemas']['JobList'];
+export type { JobStatusView };
 
 export interface JobServiceDeps {
   db: Database;
   boss: PgBoss;
   queueConfig: QueueConfig;
+  webhookConfig: WebhookConfig;
   /** Name of the provider new jobs will run on. */
   provider: string;
 }
@@ -27,20 +32,30 @@ export interface Submission {
 
 export async function submitJob(deps: JobServiceDeps, request: GenerateRequest, idempotencyKey?: string): Promise<Submission> {
   const parameters = resolveParameters(request.parameters as GenerationParameters | string | undefined);
-  const prompt = request.prompt;
-  const requestHash = idempotencyKey ? hashRequest(prompt, parameters) : undefined;
+  const priority = request.priority ?? 0;
+  const newJob: jobs.NewJob = {
+    id: randomUUID(),
+    prompt: request.prompt,
+    parameters,
+    provider: deps.provider,
+    priority,
+    webhookUrl: request.webhook_url,
+    webhookEventsFilter: request.webhook_events_filter,
+    idempotencyKey,
+  };
+  if (idempotencyKey) newJob.requestHash = hashRequest(newJob);
 
   const job = await deps.db.transaction().execute(async (trx) => {
-    const row = await insertJob(trx, { id: randomUUID(), prompt, parameters, provider: deps.provider, idempotencyKey, requestHash });
-    if (row) await enqueueGenerate(deps.boss, trx, row.id, deps.queueConfig);
+    const row = await jobs.insertJob(trx, newJob);
+    if (row) await enqueueGenerate(deps.boss, trx, row.id, deps.queueConfig, priority);
     return row;
   });
   if (job) return { job, created: true };
 
   // The key is taken: by this very request (a retry) or by a different one (a client bug).
-  const existing = idempotencyKey ? await findJobByIdempotencyKey(deps.db, idempotencyKey) : undefined;
+  const existing = idempotencyKey ? await jobs.findJobByIdempotencyKey(deps.db, idempotencyKey) : undefined;
   if (!existing) throw new Error('idempotent insert conflicted but no job holds the key');
-  if (existing.request_hash !== requestHash) {
+  if (existing.request_hash !== newJob.requestHash) {
     throw new AppError('idempotency_conflict', 'this Idempotency-Key was used with a different request body', [
       { path: '/header/idempotency-key', message: `already used for job ${existing.id} with a different body` },
     ]);
@@ -48,36 +63,80 @@ export async function submitJob(deps: JobServiceDeps, request: GenerateRequest, 
   return { job: existing, created: false };
 }
 
-/** Same prompt and same resolved parameters hash the same, whichever form parameters came in. */
-function hashRequest(prompt: string, parameters: ResolvedParameters): string {
-  const canonical = JSON.stringify([prompt, Object.entries(parameters).sort(([a], [b]) => a.localeCompare(b))]);
+/** Same request, same hash, whichever form `parameters` came in (defaults applied, keys sorted). */
+function hashRequest(job: jobs.NewJob): string {
+  const sorted = (o: object) => Object.entries(o).sort(([a], [b]) => a.localeCompare(b));
+  const canonical = JSON.stringify([job.prompt, sorted(job.parameters as ResolvedParameters), job.priority, job.webhookUrl ?? null, job.webhookEventsFilter ?? null]);
   return createHash('sha256').update(canonical).digest('hex');
 }
 
-export async function getJobStatus(db: Database, id: string): Promise<JobStatusView> {
-  const job = await findJob(db, id);
+export async function getJob(db: Database, id: string): Promise<JobRow> {
+  const job = await jobs.findJob(db, id);
   if (!job) throw new AppError('not_found', `no job with id ${id}`);
-  return toStatusView(job);
+  return job;
 }
 
-/** The public shape: the original's fields first (`job_id`, `status`, `result_url` | `error`), then ours. */
-export function toStatusView(job: JobRow): JobStatusView {
-  const outputs = job.outputs as unknown as Output[];
+/** The job as `/status` shows it, with its live queue position while queued. */
+export async function getJobStatus(db: Database, id: string): Promise<JobStatusView> {
+  const job = await getJob(db, id);
+  return toStatusView(job, { queuePosition: await jobs.queuePosition(db, job) });
+}
+
+export interface ListQuery {
+  status?: JobState[];
+  created_after?: string;
+  created_before?: string;
+  limit?: number;
+  cursor?: string;
+}
+
+export async function listJobs(db: Database, query: ListQuery): Promise<JobList> {
+  const limit = query.limit ?? 20;
+  const rows = await jobs.listJobs(db, {
+    statuses: query.status,
+    createdAfter: query.created_after ? new Date(query.created_after) : undefined,
+    createdBefore: query.created_before ? new Date(query.created_before) : undefined,
+    after: query.cursor ? decodeCursor(query.cursor) : undefined,
+    limit: limit + 1,
+  });
+  const page = rows.slice(0, limit);
+  const last = page.at(-1);
   return {
-    job_id: job.id,
-    status: job.status as JobStatusView['status'],
-    ...(job.status === 'completed' && outputs.length > 0 ? { result_url: outputs[0].url } : {}),
-    ...(job.status === 'failed' ? { error: job.error ?? 'failed' } : {}),
-    prompt: job.prompt,
-    parameters: job.parameters as unknown as ResolvedParameters,
-    attempts: job.attempts,
-    ...(job.last_error && job.status !== 'failed' && job.status !== 'completed' ? { last_error: job.last_error } : {}),
-    outputs,
-    provider: job.provider,
-    ...(job.prediction_id ? { prediction_id: job.prediction_id } : {}),
-    created_at: job.created_at.toISOString(),
-    updated_at: job.updated_at.toISOString(),
-    ...(job.started_at ? { started_at: job.started_at.toISOString() } : {}),
-    ...(job.finished_at ? { finished_at: job.finished_at.toISOString() } : {}),
+    jobs: page.map((job) => toStatusView(job)),
+    ...(rows.length > limit && last ? { next_cursor: encodeCursor(last) } : {}),
   };
+}
+
+// A cursor is the (created_at, id) of the last job of a page: stable under inserts, opaque to clients.
+function encodeCursor(job: JobRow): string {
+  return Buffer.from(JSON.stringify([job.created_at.toISOString(), job.id])).toString('base64url');
+}
+
+function decodeCursor(cursor: string): { createdAt: Date; id: string } {
+  try {
+    const [at, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [string, string];
+    const createdAt = new Date(at);
+    if (Number.isNaN(createdAt.getTime()) || !/^[0-9a-f-]{36}$/.test(id)) throw new Error('bad cursor');
+    return { createdAt, id };
+  } catch {
+    throw new AppError('validation_failed', 'cursor is not one this service issued', [{ path: '/query/cursor', message: 'is not a valid cursor' }]);
+  }
+}
+
+/**
+ * Cancels a job: a queued one never starts (its queue entry is cancelled in the same transaction); a
+ * running one is marked canceled and its worker, told through the job_events notification, aborts it
+ * and cancels the provider's prediction. A finished job is left unchanged: AppError('job_finished').
+ */
+export async function cancelJob(deps: JobServiceDeps, id: string): Promise<JobStatusView> {
+  const canceled = await deps.db.transaction().execute(async (trx) => {
+    const row = await jobs.cancelJob(trx, id);
+    if (!row) return undefined;
+    await deps.boss.cancel(GENERATE, id, { db: fromKysely(trx) });
+    await enqueueWebhook(deps.boss, trx, row, 'completed', deps.webhookConfig);
+    return row;
+  });
+  if (canceled) return toStatusView(canceled);
+  const job = await getJob(deps.db, id);
+  throw new AppError('job_finished', `the job is already ${job.status}; it was left unchanged`, undefined, { job: toStatusView(job) });
 }

@@ -1,22 +1,27 @@
-// The worker: takes generate jobs from the queue, runs the provider, normalises and stores the images,
-// and records every attempt. Handlers are idempotent: a replay rewrites the same files and the final
-// status change only applies while the attempt still owns the job.
+// The worker: takes generate jobs from the queue, runs the provider, normalises and stores the images
+// (plus thumbnails), and records every attempt. Handlers are idempotent: a replay rewrites the same
+// files and the final status change only applies while the attempt still owns the job.
 import { hostname } from 'node:os';
 import type { JobResult, JobWithMetadata, PgBoss } from 'pg-boss';
 import type { Config } from '../config.ts';
-import type { Database } from '../db/database.ts';
+import type { Database, Tx } from '../db/database.ts';
 import type { Logger } from '../logger.ts';
-import { ImageDecodeError, normalizeImage } from '../media/normalize.ts';
-import { mediaFileName, type MediaStorage } from '../media/storage.ts';
+import { ImageDecodeError, makeThumbnail, normalizeImage } from '../media/normalize.ts';
+import { mediaFileName, thumbnailFileName, type MediaStorage } from '../media/storage.ts';
+import type { Metrics } from '../metrics.ts';
 import { ProviderError, type ImageProvider } from '../providers/provider.ts';
-import { GENERATE, GENERATE_DEAD, MAINTENANCE, type QueuePayloads } from '../queue/queue.ts';
-import { completeJob, expireIdempotencyKeys, failAbandonedJob, failAttempt, recordPrediction, startAttempt, type Output } from './job.repository.ts';
+import { GENERATE, GENERATE_DEAD, MAINTENANCE, WEBHOOK, type QueuePayloads } from '../queue/queue.ts';
+import { deliverWebhook, enqueueWebhook, type WebhookConfig, type WebhookEvent } from '../webhooks/webhook.service.ts';
+import type { JobEventHub } from './job.events.ts';
+import * as jobs from './job.repository.ts';
+import type { JobRow, Output } from './job.repository.ts';
 import type { ResolvedParameters } from './parameters.ts';
 
 export type WorkerConfig = Pick<
   Config,
-  'WORKER_CONCURRENCY' | 'WORKER_BATCH_SIZE' | 'WORKER_POLL_INTERVAL_SECONDS' | 'MAX_IMAGE_PIXELS' | 'IDEMPOTENCY_TTL_HOURS'
->;
+  'WORKER_CONCURRENCY' | 'WORKER_BATCH_SIZE' | 'WORKER_POLL_INTERVAL_SECONDS' | 'MAX_IMAGE_PIXELS' | 'IDEMPOTENCY_TTL_HOURS' | 'MAX_IMAGE_BYTES'
+> &
+  WebhookConfig;
 
 export interface WorkerDeps {
   db: Database;
@@ -25,16 +30,20 @@ export interface WorkerDeps {
   storage: MediaStorage;
   config: WorkerConfig;
   logger: Logger;
+  events: JobEventHub;
+  metrics: Metrics;
   /** Recorded on each attempt row, to tell which worker ran it. */
-  workerName?: string;
+  workerName: string;
 }
 
 type GenerateJob = JobWithMetadata<QueuePayloads['generate']>;
 
-/** Registers the queue handlers; pg-boss runs them until `boss.stop()`. */
-export async function startWorker(deps: WorkerDeps): Promise<void> {
+class JobCanceled extends Error {}
+
+/** Registers the queue handlers; pg-boss runs them until `boss.stop()`. Returns an unsubscribe. */
+export async function startWorker(input: Omit<WorkerDeps, 'workerName'> & { workerName?: string }): Promise<() => void> {
+  const deps: WorkerDeps = { ...input, workerName: input.workerName ?? `${hostname()}:${process.pid}` };
   const { config } = deps;
-  const workerName = deps.workerName ?? `${hostname()}:${process.pid}`;
   const batchSize = Math.min(config.WORKER_BATCH_SIZE, config.WORKER_CONCURRENCY);
   const polling = {
     // A full batch means more work waits: fetch again at once instead of sleeping (drains backlogs).
@@ -43,6 +52,27 @@ export async function startWorker(deps: WorkerDeps): Promise<void> {
     // NOTIFY wakes us for new jobs; this poll is what finds retries whose backoff has elapsed.
     notifyPollingIntervalSeconds: config.WORKER_POLL_INTERVAL_SECONDS,
   };
+
+  // Cancellation of a running job arrives as a job_events notification.
+  const running = new Map<string, AbortController>();
+  const cancel = (jobId: string) => running.get(jobId)?.abort(new JobCanceled('the job was canceled'));
+  const offCancel = deps.events.onAny((n) => {
+    if (n.status === 'canceled') cancel(n.job_id);
+  });
+  const offResync = deps.events.onResync(() => {
+    // Notifications may have been missed while the listener reconnected: ask the table.
+    const ids = [...running.keys()];
+    if (ids.length === 0) return;
+    void deps.db
+      .selectFrom('jobs')
+      .select('id')
+      .where('id', 'in', ids)
+      .where('status', '=', 'canceled')
+      .execute()
+      .then((rows) => rows.forEach((r) => cancel(r.id)))
+      .catch((err) => deps.logger.warn({ err }, 'could not check for cancellations'));
+  });
+
   await deps.boss.work(
     GENERATE,
     {
@@ -52,34 +82,68 @@ export async function startWorker(deps: WorkerDeps): Promise<void> {
       includeMetadata: true as const,
       perJobResults: true as const,
     },
-    (jobs: GenerateJob[]) => Promise.all(jobs.map((job) => processJob({ ...deps, workerName }, job))),
+    (batch: GenerateJob[]) => Promise.all(batch.map((job) => processJob(deps, job, running))),
   );
   await deps.boss.work(
     GENERATE_DEAD,
     { ...polling, batchSize: 50, includeMetadata: true as const, perJobResults: true as const },
-    (jobs: JobWithMetadata<QueuePayloads['generate-dead']>[]) => Promise.all(jobs.map((job) => settleDeadJob(deps, job))),
+    (batch: JobWithMetadata<QueuePayloads['generate-dead']>[]) => Promise.all(batch.map((job) => settleDeadJob(deps, job))),
+  );
+  await deps.boss.work(WEBHOOK, { ...polling, batchSize: 10, includeMetadata: true as const, perJobResults: true as const }, (batch: JobWithMetadata<QueuePayloads['webhook']>[]) =>
+    Promise.all(
+      batch.map(async (job): Promise<JobResult> => {
+        try {
+          await deliverWebhook(deps, job.data.deliveryId, job.retryCount >= job.retryLimit);
+          deps.metrics.webhookDeliveries.inc({ outcome: 'delivered' });
+          return { id: job.id, status: 'completed' };
+        } catch (err) {
+          deps.metrics.webhookDeliveries.inc({ outcome: 'failed' });
+          return { id: job.id, status: 'failed', output: { error: (err as Error).message } };
+        }
+      }),
+    ),
   );
   await deps.boss.schedule(MAINTENANCE, '*/10 * * * *');
   await deps.boss.work(MAINTENANCE, { pollingIntervalSeconds: 30 }, () => runMaintenance(deps));
   deps.logger.info({ provider: deps.provider.name, concurrency: config.WORKER_CONCURRENCY, batchSize }, 'worker started');
+  return () => {
+    offCancel();
+    offResync();
+  };
+}
+
+/** Runs `change` in a transaction and, when it changed the job, queues the webhook of `event`. */
+async function transition(deps: WorkerDeps, event: WebhookEvent | undefined, change: (trx: Tx) => Promise<JobRow | undefined>): Promise<JobRow | undefined> {
+  return deps.db.transaction().execute(async (trx) => {
+    const row = await change(trx);
+    if (row && event) await enqueueWebhook(deps.boss, trx, row, event, deps.config);
+    return row;
+  });
 }
 
 /** Runs one attempt of one job and tells pg-boss how it ended. Never throws. */
-export async function processJob(deps: WorkerDeps & { workerName: string }, job: GenerateJob): Promise<JobResult> {
+export async function processJob(deps: WorkerDeps, job: GenerateJob, running: Map<string, AbortController>): Promise<JobResult> {
   const { jobId } = job.data;
   const attempt = job.retryCount + 1;
   const lastAttempt = job.retryCount >= job.retryLimit;
   const log = deps.logger.child({ jobId, attempt });
-  const started = performance.now();
+  const canceler = new AbortController();
+  const signal = AbortSignal.any([job.signal, canceler.signal]);
+  running.set(jobId, canceler);
+  const prediction: { id?: string; timeMs?: number } = {};
+  let providerStarted: number | undefined;
 
-  let prediction: { id?: string; timeMs?: number } = {};
   try {
-    const row = await deps.db.transaction().execute((trx) => startAttempt(trx, jobId, attempt, deps.workerName));
+    const row = await transition(deps, attempt === 1 ? 'start' : undefined, (trx) => jobs.startAttempt(trx, jobId, attempt, deps.workerName));
     if (!row) {
-      log.info('job already finished; nothing to do');
+      log.info('job already finished or canceled; nothing to do');
       return { id: job.id, status: 'completed' };
     }
+    if (attempt === 1 && row.started_at) deps.metrics.pickupSeconds.observe((row.started_at.getTime() - row.created_at.getTime()) / 1000);
+    if (attempt > 1) deps.metrics.retries.inc();
     const params = row.parameters as unknown as ResolvedParameters;
+
+    providerStarted = performance.now();
     const result = await deps.provider.generate(
       {
         jobId,
@@ -90,41 +154,87 @@ export async function processJob(deps: WorkerDeps & { workerName: string }, job:
         numOutputs: params.num_outputs,
         ...(params.seed === undefined ? {} : { seed: params.seed }),
       },
-      job.signal,
+      signal,
       {
         onPrediction: (id) => {
           prediction.id = id;
-          recordPrediction(deps.db, jobId, attempt, id).catch((err) => log.warn({ err }, 'could not record the prediction id'));
+          jobs.recordPrediction(deps.db, jobId, attempt, id).catch((err) => log.warn({ err }, 'could not record the prediction id'));
         },
+        onProgress: progressRecorder(deps, jobId, attempt, log),
       },
     );
-    prediction = { id: result.predictionId ?? prediction.id, timeMs: result.predictTimeMs };
+    deps.metrics.providerSeconds.observe({ provider: deps.provider.name, outcome: 'succeeded' }, (performance.now() - providerStarted) / 1000);
+    prediction.id = result.predictionId ?? prediction.id;
+    prediction.timeMs = result.predictTimeMs;
     if (result.images.length === 0) throw new ProviderError('retryable', 'the provider returned no images');
 
     const outputs: Output[] = [];
     for (const [index, image] of result.images.entries()) {
-      job.signal.throwIfAborted();
-      const normalized = await normalizeImage(image.data, {
-        width: params.width,
-        height: params.height,
-        format: params.output_format,
-        maxPixels: deps.config.MAX_IMAGE_PIXELS,
-      }).catch((err: unknown) => {
-        throw err instanceof ImageDecodeError
-          ? new ProviderError('retryable', `output ${index + 1} of the provider is ${err.message}`, { cause: err })
-          : err;
-      });
-      const file = mediaFileName(jobId, index, params.output_format);
-      await deps.storage.write(file, normalized.data);
-      outputs.push({ url: `/media/${file}`, width: normalized.width, height: normalized.height, format: normalized.format, bytes: normalized.bytes });
+      signal.throwIfAborted();
+      outputs.push(await storeOutput(deps, jobId, index, image.data, params));
     }
 
-    const won = await completeJob(deps.db, jobId, attempt, outputs, { predictionId: prediction.id, predictTimeMs: prediction.timeMs });
-    log.info({ outputs: outputs.length, ms: Math.round(performance.now() - started), stale: !won }, 'job completed');
+    const done = await transition(deps, 'completed', (trx) => jobs.completeJob(trx, jobId, attempt, outputs, { predictionId: prediction.id, predictTimeMs: prediction.timeMs }));
+    if (done) {
+      deps.metrics.jobsFinished.inc({ status: 'completed' });
+      if (done.started_at && done.finished_at) deps.metrics.jobSeconds.observe({ status: 'completed' }, (done.finished_at.getTime() - done.started_at.getTime()) / 1000);
+    }
+    log.info({ outputs: outputs.length, stale: !done }, done ? 'job completed' : 'job finished elsewhere meanwhile (canceled?); outputs discarded');
     return { id: job.id, status: 'completed' };
   } catch (err) {
+    if (providerStarted !== undefined && prediction.timeMs === undefined) {
+      deps.metrics.providerSeconds.observe({ provider: deps.provider.name, outcome: 'failed' }, (performance.now() - providerStarted) / 1000);
+    }
+    if (canceler.signal.aborted) {
+      log.info('attempt stopped: the job was canceled');
+      await deps.db
+        .transaction()
+        .execute((trx) => jobs.cancelAttempt(trx, jobId, attempt, { predictionId: prediction.id }))
+        .catch((dbErr) => log.warn({ err: dbErr }, 'could not record the canceled attempt'));
+      return { id: job.id, status: 'completed' };
+    }
     return await failJob(deps, job, err, { attempt, lastAttempt, prediction, log });
+  } finally {
+    running.delete(jobId);
   }
+}
+
+/** Normalises output `index`, writes it and its thumbnail, and describes it. */
+async function storeOutput(deps: WorkerDeps, jobId: string, index: number, data: Buffer, params: ResolvedParameters): Promise<Output> {
+  if (data.length > deps.config.MAX_IMAGE_BYTES) {
+    throw new ProviderError('retryable', `output ${index + 1} of the provider is ${data.length} bytes, over the ${deps.config.MAX_IMAGE_BYTES}-byte limit`);
+  }
+  const normalized = await normalizeImage(data, {
+    width: params.width,
+    height: params.height,
+    format: params.output_format,
+    maxPixels: deps.config.MAX_IMAGE_PIXELS,
+  }).catch((err: unknown) => {
+    throw err instanceof ImageDecodeError ? new ProviderError('retryable', `output ${index + 1} of the provider is ${err.message}`, { cause: err }) : err;
+  });
+  const file = mediaFileName(jobId, index, params.output_format);
+  const thumb = thumbnailFileName(jobId, index);
+  await deps.storage.write(thumb, await makeThumbnail(normalized.data));
+  await deps.storage.write(file, normalized.data);
+  return { url: `/media/${file}`, width: normalized.width, height: normalized.height, format: normalized.format, bytes: normalized.bytes, thumbnail_url: `/media/${thumb}` };
+}
+
+/**
+ * Records provider progress as it comes: in order, at most one write in flight, and only steps of at
+ * least 5% (or the end) so a chatty provider cannot flood the database.
+ */
+function progressRecorder(deps: WorkerDeps, jobId: string, attempt: number, log: Logger): (fraction: number) => void {
+  let recorded = 0;
+  let chain = Promise.resolve();
+  return (fraction) => {
+    const value = Math.max(0, Math.min(1, fraction));
+    if (value - recorded < 0.05 && !(value === 1 && recorded < 1)) return;
+    recorded = value;
+    chain = chain
+      .then(() => transition(deps, 'progress', (trx) => jobs.setProgress(trx, jobId, attempt, value)))
+      .then(() => undefined)
+      .catch((err) => log.warn({ err }, 'could not record progress'));
+  };
 }
 
 async function failJob(
@@ -135,7 +245,7 @@ async function failJob(
 ): Promise<JobResult> {
   const { jobId } = job.data;
   const aborted = job.signal.aborted;
-  const permanent = err instanceof ProviderError && err.kind === 'permanent';
+  const permanent = !aborted && err instanceof ProviderError && err.kind === 'permanent';
   const kind = aborted ? 'aborted' : err instanceof ProviderError ? err.kind : 'internal';
   const final = permanent || ctx.lastAttempt;
   const message = aborted
@@ -144,16 +254,19 @@ async function failJob(
       ? err.message
       : `internal error: ${(err as Error)?.message ?? String(err)}`;
   const error = final && !permanent && ctx.attempt > 1 ? `gave up after ${ctx.attempt} attempts: ${message}` : message;
-  const level = permanent || kind === 'internal' ? 'error' : 'warn';
-  ctx.log[level]({ err, kind, final }, 'attempt failed');
+  ctx.log[permanent || kind === 'internal' ? 'error' : 'warn']({ err, kind, final }, 'attempt failed');
+  deps.metrics.providerErrors.inc({ provider: deps.provider.name, kind });
   try {
-    await failAttempt(deps.db, jobId, ctx.attempt, {
-      error,
-      kind,
-      final,
-      predictionId: err instanceof ProviderError ? (err.predictionId ?? ctx.prediction.id) : ctx.prediction.id,
-      predictTimeMs: err instanceof ProviderError ? err.predictTimeMs : undefined,
-    });
+    const row = await transition(deps, final ? 'completed' : undefined, (trx) =>
+      jobs.failAttempt(trx, jobId, ctx.attempt, {
+        error,
+        kind,
+        final,
+        predictionId: err instanceof ProviderError ? (err.predictionId ?? ctx.prediction.id) : ctx.prediction.id,
+        predictTimeMs: err instanceof ProviderError ? err.predictTimeMs : undefined,
+      }),
+    );
+    if (row && final) deps.metrics.jobsFinished.inc({ status: 'failed' });
   } catch (dbErr) {
     // Our record could not be written (database gone?): let the queue retry the whole attempt.
     ctx.log.error({ err: dbErr }, 'could not record the failed attempt');
@@ -165,14 +278,18 @@ async function failJob(
 
 /** Housekeeping every 10 minutes: forget idempotency keys past their retention. */
 export async function runMaintenance(deps: Pick<WorkerDeps, 'db' | 'config' | 'logger'>): Promise<void> {
-  const forgotten = await expireIdempotencyKeys(deps.db, deps.config.IDEMPOTENCY_TTL_HOURS);
+  const forgotten = await jobs.expireIdempotencyKeys(deps.db, deps.config.IDEMPOTENCY_TTL_HOURS);
   if (forgotten > 0) deps.logger.info({ forgotten }, 'idempotency keys expired');
 }
 
 /** A job the queue gave up on: make sure our row says failed (a no-op when the handler already said so). */
 async function settleDeadJob(deps: WorkerDeps, job: JobWithMetadata<QueuePayloads['generate-dead']>): Promise<JobResult> {
   const attempts = (job.sourceRetryCount ?? 0) + 1;
-  const changed = await failAbandonedJob(deps.db, job.data.jobId, `gave up after ${attempts} attempts: the worker stopped or timed out on the last one`);
-  if (changed) deps.logger.warn({ jobId: job.data.jobId }, 'job failed after the queue gave up on it');
+  const reason = `gave up after ${attempts} attempts: the worker stopped or timed out on the last one`;
+  const changed = await transition(deps, 'completed', (trx) => jobs.failAbandonedJob(trx, job.data.jobId, reason));
+  if (changed) {
+    deps.metrics.jobsFinished.inc({ status: 'failed' });
+    deps.logger.warn({ jobId: job.data.jobId }, 'job failed after the queue gave up on it');
+  }
   return { id: job.id, status: 'completed' };
 }

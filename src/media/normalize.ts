@@ -53,3 +53,8 @@ export async function probeImage(input: Buffer): Promise<{ width: number; height
   const meta = await sharp(input).metadata();
   return { width: meta.width ?? 0, height: meta.height ?? 0, format: meta.format ?? 'unknown' };
 }
+
+/** A small WebP preview of an (already normalised) image: at most `maxSide` px on its longer side. */
+export async function makeThumbnail(input: Buffer, maxSide = 256): Promise<Buffer> {
+  return sharp(input, { failOn: 'error' }).resize(maxSide, maxSide, { fit: 'inside', withoutEnlargement: true }).webp({ quality: 75 }).toBuffer();
+}

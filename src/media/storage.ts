@@ -34,4 +34,9 @@ export function mediaFileName(jobId: string, index: number, format: OutputFormat
   return index === 0 ? `${jobId}.${format}` : `${jobId}-${index}.${format}`;
 }
 
+/** The thumbnail of output `index`: `<job_id>[-<index>].thumb.webp`. */
+export function thumbnailFileName(jobId: string, index: number): string {
+  return index === 0 ? `${jobId}.thumb.webp` : `${jobId}-${index}.thumb.webp`;
+}
+
 export const contentTypes: Record<OutputFormat, string> = { png: 'image/png', webp: 'image/webp', jpeg: 'image/jpeg' };

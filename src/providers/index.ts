@@ -28,7 +28,7 @@ export function createProvider(config: Config, logger: Logger): ImageProvider {
     pollIntervalMs: config.REPLICATE_POLL_INTERVAL_MS,
     maxRateLimitWaitMs: config.REPLICATE_MAX_RATE_LIMIT_WAIT_SECONDS * 1000,
     downloadHosts: config.REPLICATE_DOWNLOAD_HOSTS,
-    downloadMaxBytes: config.REPLICATE_DOWNLOAD_MAX_BYTES,
+    downloadMaxBytes: config.MAX_IMAGE_BYTES,
     downloadTimeoutMs: config.REPLICATE_DOWNLOAD_TIMEOUT_MS,
     logger: logger.child({ provider: 'replicate' }),
   });

@@ -11,6 +11,8 @@ export interface QueuePayloads {
   generate: { jobId: string };
   /** A generate job pg-boss gave up on (retries spent, or expired on its last attempt). */
   'generate-dead': { jobId: string };
+  /** Deliver one webhook (a row of webhook_deliveries). */
+  webhook: { deliveryId: string };
   /** Periodic housekeeping (scheduled by pg-boss's cron, run by one worker at a time). */
   maintenance: Record<string, never>;
 }
@@ -19,6 +21,7 @@ export type QueueName = keyof QueuePayloads;
 export const GENERATE: QueueName = 'generate';
 export const GENERATE_DEAD: QueueName = 'generate-dead';
 export const MAINTENANCE: QueueName = 'maintenance';
+export const WEBHOOK: QueueName = 'webhook';
 
 export type QueueConfig = Pick<
   Config,
@@ -66,6 +69,9 @@ export function generatePolicy(config: QueueConfig) {
 export async function ensureQueues(boss: PgBoss, config: QueueConfig): Promise<void> {
   if (!(await boss.getQueue(GENERATE_DEAD))) {
     await boss.createQueue(GENERATE_DEAD, { retryLimit: 10, retryBackoff: true, notify: true, partition: true });
+  }
+  if (!(await boss.getQueue(WEBHOOK))) {
+    await boss.createQueue(WEBHOOK, { retryLimit: 8, retryBackoff: true, retryDelay: 1, retryDelayMax: 300, notify: true });
   }
   if (!(await boss.getQueue(MAINTENANCE))) {
     await boss.createQueue(MAINTENANCE, { policy: 'singleton', retryLimit: 0 });

@@ -1,0 +1,95 @@
+// Listens to the `job_events` channel (NOTIFY from the jobs table trigger) on one dedicated connection
+// per process, and fans the notifications out to in-process subscribers (SSE streams, the worker's
+// cancellation). Reconnects on its own; subscribers are told to re-read state after a reconnect.
+import { EventEmitter } from 'node:events';
+import pg from 'pg';
+import type { Logger } from '../logger.ts';
+
+export interface JobNotification {
+  job_id: string;
+  seq: number;
+  status: string;
+}
+
+export interface JobEventHub {
+  /** Every notification, for every job. */
+  onAny(listener: (n: JobNotification) => void): () => void;
+  /** Notifications of one job. */
+  onJob(jobId: string, listener: (n: JobNotification) => void): () => void;
+  /** Called after the listener reconnected: notifications may have been missed meanwhile. */
+  onResync(listener: () => void): () => void;
+  close(): Promise<void>;
+}
+
+export const CHANNEL = 'job_events';
+
+export async function createJobEventHub(databaseUrl: string, logger: Logger): Promise<JobEventHub> {
+  const emitter = new EventEmitter();
+  emitter.setMaxListeners(0);
+  let client: pg.Client | undefined;
+  let closed = false;
+  let retryMs = 100;
+
+  const connect = async (): Promise<void> => {
+    const c = new pg.Client({ connectionString: databaseUrl, application_name: 'media-gen:events', keepAlive: true });
+    c.on('notification', (msg) => {
+      if (!msg.payload) return;
+      try {
+        const n = JSON.parse(msg.payload) as JobNotification;
+        emitter.emit('any', n);
+        emitter.emit(`job:${n.job_id}`, n);
+      } catch (err) {
+        logger.warn({ err }, 'unreadable job notification');
+      }
+    });
+    c.on('error', (err) => {
+      logger.warn({ err }, 'job event listener lost its connection');
+      void reconnect(c);
+    });
+    c.on('end', () => void reconnect(c));
+    await c.connect();
+    await c.query(`LISTEN ${CHANNEL}`);
+    client = c;
+    retryMs = 100;
+  };
+
+  const reconnect = async (dead: pg.Client): Promise<void> => {
+    if (closed || client !== dead) return;
+    client = undefined;
+    dead.removeAllListeners('end');
+    await dead.end().catch(() => {});
+    while (!closed) {
+      await new Promise((r) => setTimeout(r, retryMs).unref());
+      retryMs = Math.min(retryMs * 2, 5_000);
+      try {
+        await connect();
+        logger.info('job event listener reconnected');
+        emitter.emit('resync');
+        return;
+      } catch (err) {
+        logger.debug({ err }, 'job event listener still cannot connect');
+      }
+    }
+  };
+
+  await connect();
+
+  const on = (event: string, listener: Parameters<EventEmitter["on"]>[1]) => {
+    emitter.on(event, listener);
+    return () => void emitter.off(event, listener);
+  };
+  return {
+    onAny: (listener) => on('any', listener),
+    onJob: (jobId, listener) => on(`job:${jobId}`, listener),
+    onResync: (listener) => on('resync', listener),
+    async close() {
+      closed = true;
+      const c = client;
+      client = undefined;
+      if (c) {
+        c.removeAllListeners('end');
+        await c.end().catch(() => {});
+      }
+    },
+  };
+}

@@ -9,6 +9,10 @@ ALTER TABLE jobs
   ADD COLUMN webhook_events_filter  text[],
   ADD COLUMN event_seq              integer NOT NULL DEFAULT 0;
 
+-- Timestamps the API shows (and takes back in filters and cursors) have millisecond precision; so do
+-- creation times, or a filter on a job's own created_at would include it.
+ALTER TABLE jobs ALTER COLUMN created_at SET DEFAULT date_trunc('milliseconds', now());
+
 -- Queue positions count the queued jobs ahead: higher priority first, then oldest first.
 DROP INDEX jobs_status_idx;
 CREATE INDEX jobs_queued_order_idx ON jobs (priority DESC, created_at, id) WHERE status = 'queued';
@@ -85,6 +89,7 @@ DROP FUNCTION jobs_record_first_event();
 DROP FUNCTION jobs_record_event();
 DROP TABLE job_events;
 DROP INDEX jobs_status_created_idx;
+ALTER TABLE jobs ALTER COLUMN created_at SET DEFAULT now();
 DROP INDEX jobs_queued_order_idx;
 CREATE INDEX jobs_status_idx ON jobs (status, created_at DESC) WHERE status IN ('queued', 'processing');
 ALTER TABLE jobs

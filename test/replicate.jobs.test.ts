@@ -3,7 +3,7 @@
 import { listAttempts } from '../src/jobs/job.repository.ts';
 import { probeImage } from '../src/media/normalize.ts';
 import { startLocalReplicate, type LocalReplicate } from './support/local-replicate.ts';
-import { createTestDatabase, startTestService, submit, waitForStatus, type TestService } from './support/harness.ts';
+import { createTestDatabase, startTestService, submit, waitFor, waitForStatus, type TestService } from './support/harness.ts';
 
 let replicate: LocalReplicate;
 let svc: TestService | undefined;
@@ -123,4 +123,27 @@ test('a job that runs past its timeout is stopped and its prediction cancelled o
   expect(status.error).toMatch(/stopped|timed out/);
   const cancel = await replicate.waitForRequest((r) => r.route === 'cancel');
   expect(cancel.path).toBe(`/v1/predictions/${status.prediction_id}/cancel`);
+});
+
+test('cancelling a running job cancels its prediction on Replicate', async () => {
+  await start();
+  replicate.setScenario({ neverFinish: true });
+  const res = await submit(svc!.baseUrl, { prompt: 'cancel me' });
+  const id = ((await res.json()) as { job_id: string }).job_id;
+  // running: the prediction was created and its id recorded
+  await waitFor(async () => {
+    const body = (await (await fetch(`${svc!.baseUrl}/status/${id}`)).json()) as { prediction_id?: string };
+    return body.prediction_id;
+  }, 'the prediction id in /status');
+  const canceled = await fetch(`${svc!.baseUrl}/jobs/${id}/cancel`, { method: 'POST' });
+  expect(canceled.status).toBe(200);
+  const cancel = await replicate.waitForRequest((r) => r.route === 'cancel');
+  const [prediction] = [...replicate.predictions.values()];
+  expect(cancel.path).toBe(`/v1/predictions/${prediction.id}/cancel`);
+  await waitFor(async () => (prediction.status === 'canceled' ? true : undefined), 'the prediction to be canceled');
+  const attempts = await waitFor(async () => {
+    const rows = await listAttempts(svc!.db, id);
+    return rows[0]?.outcome === 'canceled' ? rows : undefined;
+  }, 'the attempt to end canceled');
+  expect(attempts[0].prediction_id).toBe(prediction.id);
 });

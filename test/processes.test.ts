@@ -59,7 +59,7 @@ test('a worker killed mid-job: another worker finishes its jobs, each completed 
   const calls = await providerCalls(databaseUrl);
   expect(ids.map((id) => calls.get(id))).toEqual([2, 2, 2]); // one killed, one that finished
   const files = readdirSync(api.config.MEDIA_DIR);
-  expect(files.filter((f) => !f.startsWith('.')).sort()).toEqual(ids.map((id) => `${id}.png`).sort());
+  expect(files.filter((f) => !f.startsWith('.')).sort()).toEqual(ids.flatMap((id) => [`${id}.png`, `${id}.thumb.webp`]).sort());
   expect(files.filter((f) => f.startsWith('.tmp'))).toEqual([]);
 }, 90_000);
 

@@ -232,7 +232,7 @@ export interface components {
              * @description Higher runs first among queued jobs; equal priorities run oldest first.
              * @default 0
              */
-            priority: number;
+            priority?: number;
             /**
              * @description Where to POST the job (the `/status` body) on the events in `webhook_events_filter`.
              *     Deliveries are signed like Replicate's (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
@@ -243,21 +243,21 @@ export interface components {
         };
         GenerationParameters: {
             /** @default 512 */
-            width: number;
+            width?: number;
             /** @default 512 */
-            height: number;
+            height?: number;
             /**
              * @default png
              * @enum {string}
              */
-            output_format: "png" | "webp" | "jpeg";
+            output_format?: "png" | "webp" | "jpeg";
             /** @description Same prompt and seed, same picture (exactly so with the `local` generator). */
             seed?: number;
             /**
              * @description How many images to generate for the prompt.
              * @default 1
              */
-            num_outputs: number;
+            num_outputs?: number;
         };
         ResolvedParameters: {
             width: number;

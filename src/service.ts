@@ -5,7 +5,6 @@ import type { PgBoss } from 'pg-boss';
 import type { Config } from './config.ts';
 import { createDatabase, createPool, type Database } from './db/database.ts';
 import { migrate } from './db/migrate.ts';
-import { createApp } from './http/app.ts';
 import { createJobEventHub } from './jobs/job.events.ts';
 import { startWorker } from './jobs/job.worker.ts';
 import { redactUrl, type Logger } from './logger.ts';
@@ -87,6 +86,8 @@ export async function startService(options: ServiceOptions): Promise<Service> {
 
     let server: Server | undefined;
     if (options.api) {
+      // Loaded only where the API runs: a worker-only process saves the HTTP stack's memory (~40 MB).
+      const { createApp } = await import('./http/app.ts');
       const app = createApp({
         db,
         boss,

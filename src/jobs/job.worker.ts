@@ -40,6 +40,9 @@ type GenerateJob = JobWithMetadata<QueuePayloads['generate']>;
 
 class JobCanceled extends Error {}
 
+/** Progress is written at most this often per job. */
+const PROGRESS_INTERVAL_MS = 1000;
+
 /** Registers the queue handlers; pg-boss runs them until `boss.stop()`. Returns an unsubscribe. */
 export async function startWorker(input: Omit<WorkerDeps, 'workerName'> & { workerName?: string }): Promise<() => void> {
   const deps: WorkerDeps = { ...input, workerName: input.workerName ?? `${hostname()}:${process.pid}` };
@@ -220,20 +223,42 @@ async function storeOutput(deps: WorkerDeps, jobId: string, index: number, data:
 }
 
 /**
- * Records provider progress as it comes: in order, at most one write in flight, and only steps of at
- * least 5% (or the end) so a chatty provider cannot flood the database.
+ * Records provider progress: at most one write in flight and at most one a second per job (the latest
+ * value wins), so a chatty provider cannot flood the database. Completion itself ends progress.
  */
 function progressRecorder(deps: WorkerDeps, jobId: string, attempt: number, log: Logger): (fraction: number) => void {
-  let recorded = 0;
-  let chain = Promise.resolve();
+  let pending: number | undefined;
+  let writing = false;
+  let lastWrite = 0;
+  const flush = async (): Promise<void> => {
+    if (writing || pending === undefined) return;
+    const wait = lastWrite + PROGRESS_INTERVAL_MS - Date.now();
+    if (wait > 0) {
+      writing = true;
+      setTimeout(() => {
+        writing = false;
+        void flush();
+      }, wait).unref();
+      return;
+    }
+    const value = pending;
+    pending = undefined;
+    writing = true;
+    lastWrite = Date.now();
+    try {
+      await transition(deps, 'progress', (trx) => jobs.setProgress(trx, jobId, attempt, value));
+    } catch (err) {
+      log.warn({ err }, 'could not record progress');
+    } finally {
+      writing = false;
+    }
+    void flush();
+  };
   return (fraction) => {
     const value = Math.max(0, Math.min(1, fraction));
-    if (value - recorded < 0.05 && !(value === 1 && recorded < 1)) return;
-    recorded = value;
-    chain = chain
-      .then(() => transition(deps, 'progress', (trx) => jobs.setProgress(trx, jobId, attempt, value)))
-      .then(() => undefined)
-      .catch((err) => log.warn({ err }, 'could not record progress'));
+    if (value >= 1) return;
+    pending = value;
+    void flush();
   };
 }
 

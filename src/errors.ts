@@ -51,3 +51,12 @@ export function isDatabaseUnavailable(err: unknown): boolean {
     e.message ?? '',
   );
 }
+
+/**
+ * Postgres refusing text it cannot store (NUL, invalid UTF-8): the request's data is at fault, not the
+ * service, so the HTTP layer answers 400 instead of 500.
+ */
+export function isUnstorableText(err: unknown): boolean {
+  const code = (err as { code?: string } | undefined)?.code;
+  return code === '22021' /* character_not_in_repertoire */ || code === '22P05' /* untranslatable_character */;
+}

@@ -3,17 +3,14 @@ import { pino, type Logger } from 'pino';
 
 export type { Logger };
 
+const secretKeys = ['authorization', 'Authorization', 'token', 'apiToken', 'REPLICATE_API_TOKEN', 'WEBHOOK_SECRET', 'password', 'connectionString', 'DATABASE_URL'];
+
+/** Secret keys at the top of a logged object and one level down, and request headers. */
 export const redactPaths = [
+  ...secretKeys,
+  ...secretKeys.map((k) => `*.${k}`),
   'req.headers.authorization',
   'req.headers.cookie',
-  '*.authorization',
-  '*.Authorization',
-  '*.token',
-  '*.apiToken',
-  '*.REPLICATE_API_TOKEN',
-  '*.password',
-  '*.connectionString',
-  '*.DATABASE_URL',
 ];
 
 export function createLogger(level: string, base: Record<string, unknown> = {}): Logger {

@@ -101,7 +101,13 @@ export async function startService(options: ServiceOptions): Promise<Service> {
         maxBodyBytes: config.MAX_BODY_BYTES,
         validateResponses: options.validateResponses,
       });
-      server = await listen(createServer(app.express), config.PORT, config.HOST);
+      const { answerClientError, answerConnect, answerExpectation } = await import('./http/problem.ts');
+      server = createServer(app.express);
+      // Requests Node's HTTP parser refuses get problem+json too, not a bare 400 or a dropped socket.
+      server.on('clientError', answerClientError);
+      server.on('connect', answerConnect);
+      server.on('checkExpectation', answerExpectation);
+      await listen(server, config.PORT, config.HOST);
       server.requestTimeout = 30_000;
       server.headersTimeout = 10_000;
       releasers.push(closer(server, app.closeStreams));

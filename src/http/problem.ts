@@ -1,7 +1,9 @@
 // Maps every error to RFC 9457 problem+json. Client mistakes become 4xx naming the field; an
 // unreachable database becomes 503 with Retry-After; anything else is a logged 500 with no internals.
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
 import type { ErrorRequestHandler, RequestHandler, Response } from 'express';
-import { AppError, isDatabaseUnavailable, type FieldError } from '../errors.ts';
+import { AppError, isDatabaseUnavailable, isUnstorableText, type FieldError } from '../errors.ts';
 
 export interface Problem {
   type: string;
@@ -25,8 +27,11 @@ const titles: Record<number, string> = {
   406: 'Not Acceptable',
   409: 'Conflict',
   413: 'Content Too Large',
+  408: 'Request Timeout',
   415: 'Unsupported Media Type',
+  417: 'Expectation Failed',
   422: 'Unprocessable Content',
+  431: 'Request Header Fields Too Large',
   500: 'Internal Server Error',
   503: 'Service Unavailable',
 };
@@ -73,6 +78,15 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
     res.set('Retry-After', String(RETRY_AFTER_SECONDS));
     return sendProblem(res, { status: 503, detail: 'the database is not reachable right now; retry shortly', type: 'urn:problem:unavailable' });
   }
+  if (isUnstorableText(err)) {
+    req.log?.info({ err }, 'request text the database cannot store');
+    return sendProblem(res, {
+      status: 400,
+      type: 'urn:problem:validation_failed',
+      detail: 'the request holds text that cannot be stored (such as a NUL character)',
+      errors: [{ path: '/body', message: 'holds characters that cannot be stored (such as NUL)' }],
+    });
+  }
   const e = err as HttpishError;
   const status = e.status ?? e.statusCode;
   // body-parser errors
@@ -89,3 +103,40 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
   req.log?.error({ err }, 'unhandled error');
   sendProblem(res, { status: 500, detail: 'an unexpected error occurred; it has been logged' });
 };
+
+// Requests Node's HTTP parser refuses never reach express; by default Node answers them with a bare
+// 400/431/417 and drops CONNECT. These answer them as problem+json like everything else. Wire them to the
+// server: server.on('clientError', answerClientError); server.on('connect', answerConnect);
+// server.on('checkExpectation', answerExpectation).
+
+function rawProblem(status: number, detail: string, extraHeaders = ''): string {
+  const body = JSON.stringify({ type: 'about:blank', title: titles[status] ?? 'Error', status, detail } satisfies Problem);
+  return (
+    `HTTP/1.1 ${status} ${titles[status] ?? 'Error'}\r\nContent-Type: application/problem+json; charset=utf-8\r\n` +
+    `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n${extraHeaders}\r\n${body}`
+  );
+}
+
+/** A request the HTTP parser refused (bad method, target or header bytes, framing, headers too large, timeout). */
+export function answerClientError(err: Error & { code?: string }, socket: Duplex): void {
+  const started = (socket as Duplex & { _httpMessage?: { headersSent?: boolean } })._httpMessage?.headersSent;
+  if (err.code === 'ECONNRESET' || !socket.writable || started) {
+    socket.destroy();
+    return;
+  }
+  const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
+  const detail = status === 431 ? 'the request headers are larger than the limit' : status === 408 ? 'the request took too long to arrive' : 'the request is not valid HTTP/1.1';
+  socket.end(rawProblem(status, detail));
+}
+
+/** CONNECT (a tunnel request): not something this service does. */
+export function answerConnect(_req: IncomingMessage, socket: Duplex): void {
+  socket.end(rawProblem(405, 'CONNECT is not supported', 'Allow: GET, HEAD, POST\r\n'));
+}
+
+/** An `Expect` header other than 100-continue. */
+export function answerExpectation(_req: IncomingMessage, res: ServerResponse): void {
+  const body = JSON.stringify({ type: 'about:blank', title: titles[417], status: 417, detail: 'only Expect: 100-continue is supported' } satisfies Problem);
+  res.writeHead(417, { 'Content-Type': 'application/problem+json; charset=utf-8', 'Content-Length': Buffer.byteLength(body), Connection: 'close' });
+  res.end(body);
+}

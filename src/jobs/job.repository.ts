@@ -56,38 +56,51 @@ export async function listAttempts(db: Database, jobId: string): Promise<Attempt
   return db.selectFrom('job_attempts').selectAll().where('job_id', '=', jobId).orderBy('number').execute();
 }
 
+export interface AttemptStart {
+  jobId: string;
+  number: number;
+}
+
 /**
- * Begins attempt `number` of a job: closes any attempt a dead worker left open as `interrupted`, marks
- * the job processing, and records the new attempt. Returns undefined when the job is already finished
- * (a replay of a job that completed), in which case nothing is written.
+ * Begins attempts, a whole fetched batch in three statements: marks the jobs processing, closes any
+ * attempt a dead worker left open as `interrupted`, and records the new attempts. Returns the rows of
+ * the jobs that started; a job already finished (a replay) or canceled is absent and nothing is written
+ * for it.
  */
-export async function startAttempt(trx: Tx, jobId: string, number: number, worker: string): Promise<JobRow | undefined> {
-  const job = await trx
+export async function startAttempts(trx: Tx, starts: AttemptStart[], worker: string): Promise<JobRow[]> {
+  if (starts.length === 0) return [];
+  const ids = starts.map((s) => s.jobId);
+  const numbers = starts.map((s) => s.number);
+  const rows = await trx
     .updateTable('jobs')
+    .from(sql<{ id: string; number: number }>`(select * from unnest(${ids}::uuid[], ${numbers}::int[]) as t(id, number))`.as('a'))
     .set({
       status: 'processing',
-      attempts: number,
+      attempts: sql`a.number`,
       progress: null,
-      started_at: sql`coalesce(started_at, now())`,
+      started_at: sql`coalesce(jobs.started_at, now())`,
       updated_at: sql`now()`,
     })
-    .where('id', '=', jobId)
-    .where('status', 'in', ACTIVE)
-    .returningAll()
-    .executeTakeFirst();
-  if (!job) return undefined;
-  await trx
-    .updateTable('job_attempts')
-    .set({ outcome: 'interrupted', finished_at: sql`now()`, error: 'the worker stopped before this attempt finished (crash, kill or expiry)', error_kind: 'interrupted' })
-    .where('job_id', '=', jobId)
-    .where('outcome', '=', 'running')
+    .whereRef('jobs.id', '=', sql.ref('a.id'))
+    .where('jobs.status', 'in', ACTIVE)
+    .returningAll('jobs')
     .execute();
+  if (rows.length === 0) return rows;
+  const startedIds = rows.map((r) => r.id);
+  if (rows.some((r) => r.attempts > 1)) {
+    await trx
+      .updateTable('job_attempts')
+      .set({ outcome: 'interrupted', finished_at: sql`now()`, error: 'the worker stopped before this attempt finished (crash, kill or expiry)', error_kind: 'interrupted' })
+      .where('job_id', 'in', startedIds)
+      .where('outcome', '=', 'running')
+      .execute();
+  }
   await trx
     .insertInto('job_attempts')
-    .values({ job_id: jobId, number, worker })
+    .values(rows.map((r) => ({ job_id: r.id, number: r.attempts, worker })))
     .onConflict((oc) => oc.columns(['job_id', 'number']).doUpdateSet({ started_at: sql`now()`, outcome: 'running', finished_at: null, error: null, worker }))
     .execute();
-  return job;
+  return rows;
 }
 
 export async function recordPrediction(db: Database, jobId: string, number: number, predictionId: string): Promise<void> {
@@ -102,26 +115,57 @@ export interface AttemptReport {
   predictTimeMs?: number;
 }
 
-/** Completes the job if attempt `number` still owns it; returns the row, or undefined for a stale replay. */
-export async function completeJob(trx: Tx, jobId: string, number: number, outputs: Output[], report: AttemptReport): Promise<JobRow | undefined> {
-  const job = await trx
+export interface Completion extends AttemptReport {
+  jobId: string;
+  number: number;
+  outputs: Output[];
+}
+
+/**
+ * Completes jobs, any number in two statements. A job completes only while the attempt still owns it;
+ * returns the rows that completed (a stale replay, or a job canceled meanwhile, is absent and its
+ * attempt ends `canceled`).
+ */
+export async function completeJobs(trx: Tx, completions: Completion[]): Promise<JobRow[]> {
+  if (completions.length === 0) return [];
+  const records = JSON.stringify(
+    completions.map((c) => ({ id: c.jobId, number: c.number, outputs: c.outputs, prediction_id: c.predictionId ?? null, predict_time_ms: c.predictTimeMs === undefined ? null : Math.round(c.predictTimeMs) })),
+  );
+  const done = sql`(select * from jsonb_to_recordset(${records}::jsonb) as r(id uuid, number int, outputs jsonb, prediction_id text, predict_time_ms int))`;
+  const rows = await trx
     .updateTable('jobs')
+    .from(done.as('c'))
     .set({
       status: 'completed',
-      outputs: JSON.stringify(outputs),
+      outputs: sql`c.outputs`,
       last_error: null,
       progress: null,
       finished_at: sql`now()`,
       updated_at: sql`now()`,
-      ...(report.predictionId ? { prediction_id: report.predictionId } : {}),
+      prediction_id: sql`coalesce(c.prediction_id, jobs.prediction_id)`,
     })
-    .where('id', '=', jobId)
-    .where('status', '=', 'processing')
-    .where('attempts', '=', number)
-    .returningAll()
-    .executeTakeFirst();
-  await endAttempt(trx, jobId, number, job ? 'succeeded' : 'canceled', undefined, report);
-  return job;
+    .whereRef('jobs.id', '=', sql.ref('c.id'))
+    .whereRef('jobs.attempts', '=', sql.ref('c.number'))
+    .where('jobs.status', '=', 'processing')
+    .returningAll('jobs')
+    .execute();
+  const completed = rows.map((r) => r.id);
+  await trx
+    .updateTable('job_attempts')
+    .from(done.as('c'))
+    .set({
+      outcome: completed.length ? sql`case when c.id = any(${completed}::uuid[]) then 'succeeded' else 'canceled' end` : 'canceled',
+      error: completed.length ? sql`case when c.id = any(${completed}::uuid[]) then null else 'the job was canceled' end` : 'the job was canceled',
+      error_kind: completed.length ? sql`case when c.id = any(${completed}::uuid[]) then null else 'canceled' end` : 'canceled',
+      finished_at: sql`now()`,
+      prediction_id: sql`coalesce(c.prediction_id, job_attempts.prediction_id)`,
+      predict_time_ms: sql`coalesce(c.predict_time_ms, job_attempts.predict_time_ms)`,
+    })
+    .whereRef('job_attempts.job_id', '=', sql.ref('c.id'))
+    .whereRef('job_attempts.number', '=', sql.ref('c.number'))
+    .where('job_attempts.outcome', '=', 'running')
+    .execute();
+  return rows;
 }
 
 export interface AttemptFailure extends AttemptReport {

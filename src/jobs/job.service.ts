@@ -8,7 +8,7 @@ import { enqueueGenerate, GENERATE, type QueueConfig } from '../queue/queue.ts';
 import { enqueueWebhook, type WebhookConfig } from '../webhooks/webhook.service.ts';
 import * as jobs from './job.repository.ts';
 import type { JobRow, JobState } from './job.repository.ts';
-import { resolveParameters, type GenerationParameters, type ResolvedParameters } from './parameters.ts';
+import { checkPrompt, resolveParameters, type GenerationParameters, type ResolvedParameters } from './parameters.ts';
 import { toStatusView, type JobStatusView } from './job.view.ts';
 
 export type GenerateRequest = components['schemas']['GenerateRequest'];
@@ -31,6 +31,7 @@ export interface Submission {
 }
 
 export async function submitJob(deps: JobServiceDeps, request: GenerateRequest, idempotencyKey?: string): Promise<Submission> {
+  checkPrompt(request.prompt);
   const parameters = resolveParameters(request.parameters as GenerationParameters | string | undefined);
   const priority = request.priority ?? 0;
   const newJob: jobs.NewJob = {

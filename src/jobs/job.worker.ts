@@ -56,6 +56,17 @@ export async function startWorker(input: Omit<WorkerDeps, 'workerName'> & { work
     notifyPollingIntervalSeconds: config.WORKER_POLL_INTERVAL_SECONDS,
   };
 
+  // Completions of concurrently running jobs are committed together: one transaction per flush.
+  const complete = groupCommit<jobs.Completion, JobRow | undefined>(async (items) => {
+    const rows = await deps.db.transaction().execute(async (trx) => {
+      const done = await jobs.completeJobs(trx, items);
+      for (const row of done) await enqueueWebhook(deps.boss, trx, row, 'completed', deps.config);
+      return done;
+    });
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    return items.map((item) => byId.get(item.jobId));
+  });
+
   // Cancellation of a running job arrives as a job_events notification.
   const running = new Map<string, AbortController>();
   const cancel = (jobId: string) => running.get(jobId)?.abort(new JobCanceled('the job was canceled'));
@@ -85,7 +96,10 @@ export async function startWorker(input: Omit<WorkerDeps, 'workerName'> & { work
       includeMetadata: true as const,
       perJobResults: true as const,
     },
-    (batch: GenerateJob[]) => Promise.all(batch.map((job) => processJob(deps, job, running))),
+    async (batch: GenerateJob[]) => {
+      const started = await startBatch(deps, batch);
+      return Promise.all(batch.map((job) => processJob(deps, job, running, started, complete)));
+    },
   );
   await deps.boss.work(
     GENERATE_DEAD,
@@ -115,6 +129,51 @@ export async function startWorker(input: Omit<WorkerDeps, 'workerName'> & { work
   };
 }
 
+/**
+ * Starts the attempts of a fetched batch in one transaction (and queues `start` webhooks). Returns the
+ * started rows by job id, or the error that prevented starting them (the database is down?).
+ */
+async function startBatch(deps: WorkerDeps, batch: GenerateJob[]): Promise<Map<string, JobRow> | Error> {
+  try {
+    return await deps.db.transaction().execute(async (trx) => {
+      const rows = await jobs.startAttempts(trx, batch.map((job) => ({ jobId: job.data.jobId, number: job.retryCount + 1 })), deps.workerName);
+      for (const row of rows) if (row.attempts === 1) await enqueueWebhook(deps.boss, trx, row, 'start', deps.config);
+      return new Map(rows.map((r) => [r.id, r]));
+    });
+  } catch (err) {
+    return err as Error;
+  }
+}
+
+/**
+ * Group commit: calls made while a flush runs are queued and flushed together when it ends, so under
+ * load many jobs share one transaction, and at idle a call is flushed at once.
+ */
+export function groupCommit<T, R>(flush: (items: T[]) => Promise<R[]>): (item: T) => Promise<R> {
+  let queue: { item: T; resolve: (r: R) => void; reject: (e: unknown) => void }[] = [];
+  let flushing = false;
+  const run = async () => {
+    if (flushing || queue.length === 0) return;
+    flushing = true;
+    const taken = queue;
+    queue = [];
+    try {
+      const results = await flush(taken.map((q) => q.item));
+      taken.forEach((q, i) => q.resolve(results[i]));
+    } catch (err) {
+      taken.forEach((q) => q.reject(err));
+    } finally {
+      flushing = false;
+      void run();
+    }
+  };
+  return (item) =>
+    new Promise<R>((resolve, reject) => {
+      queue.push({ item, resolve, reject });
+      void run();
+    });
+}
+
 /** Runs `change` in a transaction and, when it changed the job, queues the webhook of `event`. */
 async function transition(deps: WorkerDeps, event: WebhookEvent | undefined, change: (trx: Tx) => Promise<JobRow | undefined>): Promise<JobRow | undefined> {
   return deps.db.transaction().execute(async (trx) => {
@@ -125,7 +184,13 @@ async function transition(deps: WorkerDeps, event: WebhookEvent | undefined, cha
 }
 
 /** Runs one attempt of one job and tells pg-boss how it ended. Never throws. */
-export async function processJob(deps: WorkerDeps, job: GenerateJob, running: Map<string, AbortController>): Promise<JobResult> {
+export async function processJob(
+  deps: WorkerDeps,
+  job: GenerateJob,
+  running: Map<string, AbortController>,
+  started: Map<string, JobRow> | Error,
+  complete: (c: jobs.Completion) => Promise<JobRow | undefined>,
+): Promise<JobResult> {
   const { jobId } = job.data;
   const attempt = job.retryCount + 1;
   const lastAttempt = job.retryCount >= job.retryLimit;
@@ -137,7 +202,8 @@ export async function processJob(deps: WorkerDeps, job: GenerateJob, running: Ma
   let providerStarted: number | undefined;
 
   try {
-    const row = await transition(deps, attempt === 1 ? 'start' : undefined, (trx) => jobs.startAttempt(trx, jobId, attempt, deps.workerName));
+    if (started instanceof Error) throw started;
+    const row = started.get(jobId);
     if (!row) {
       log.info('job already finished or canceled; nothing to do');
       return { id: job.id, status: 'completed' };
@@ -177,7 +243,7 @@ export async function processJob(deps: WorkerDeps, job: GenerateJob, running: Ma
       outputs.push(await storeOutput(deps, jobId, index, image.data, params));
     }
 
-    const done = await transition(deps, 'completed', (trx) => jobs.completeJob(trx, jobId, attempt, outputs, { predictionId: prediction.id, predictTimeMs: prediction.timeMs }));
+    const done = await complete({ jobId, number: attempt, outputs, predictionId: prediction.id, predictTimeMs: prediction.timeMs });
     if (done) {
       deps.metrics.jobsFinished.inc({ status: 'completed' });
       if (done.started_at && done.finished_at) deps.metrics.jobSeconds.observe({ status: 'completed' }, (done.finished_at.getTime() - done.started_at.getTime()) / 1000);

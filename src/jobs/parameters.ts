@@ -49,3 +49,19 @@ export function resolveParameters(raw: GenerationParameters | string | undefined
     ...(params.seed === undefined ? {} : { seed: params.seed }),
   };
 }
+
+/**
+ * What the contract's schema cannot say about a prompt: it must be well-formed Unicode without NUL (or
+ * it could not be stored as sent), and hold at least one visible character (not only spaces, controls
+ * or zero-width marks).
+ */
+export function checkPrompt(prompt: string): void {
+  if (!prompt.isWellFormed() || prompt.includes('\u0000')) {
+    throw new AppError('validation_failed', 'prompt must be Unicode text without NUL characters or unpaired surrogates', [
+      { path: '/body/prompt', message: 'must be Unicode text without NUL characters or unpaired surrogates' },
+    ]);
+  }
+  if (!/[\p{L}\p{N}\p{P}\p{S}]/u.test(prompt)) {
+    throw new AppError('validation_failed', 'prompt must contain a visible character', [{ path: '/body/prompt', message: 'must contain a visible character' }]);
+  }
+}

@@ -229,7 +229,7 @@ export async function processJob(
           prediction.id = id;
           jobs.recordPrediction(deps.db, jobId, attempt, id).catch((err) => log.warn({ err }, 'could not record the prediction id'));
         },
-        onProgress: progressRecorder(deps, jobId, attempt, log),
+        onProgress: progressRecorder(deps, row, attempt, log),
       },
     );
     deps.metrics.providerSeconds.observe({ provider: deps.provider.name, outcome: 'succeeded' }, (performance.now() - providerStarted) / 1000);
@@ -292,7 +292,12 @@ async function storeOutput(deps: WorkerDeps, jobId: string, index: number, data:
  * Records provider progress: at most one write in flight and at most one a second per job (the latest
  * value wins), so a chatty provider cannot flood the database. Completion itself ends progress.
  */
-function progressRecorder(deps: WorkerDeps, jobId: string, attempt: number, log: Logger): (fraction: number) => void {
+function progressRecorder(deps: WorkerDeps, job: JobRow, attempt: number, log: Logger): (fraction: number) => void {
+  const jobId = job.id;
+  // One statement, unless a webhook wants progress events (then the delivery commits with it).
+  const wantsWebhook = job.webhook_url !== null && (job.webhook_events_filter ?? []).includes('progress');
+  const write = (value: number) =>
+    wantsWebhook ? transition(deps, 'progress', (trx) => jobs.setProgress(trx, jobId, attempt, value)) : jobs.setProgress(deps.db, jobId, attempt, value);
   let pending: number | undefined;
   let writing = false;
   let lastWrite = 0;
@@ -312,7 +317,7 @@ function progressRecorder(deps: WorkerDeps, jobId: string, attempt: number, log:
     writing = true;
     lastWrite = Date.now();
     try {
-      await transition(deps, 'progress', (trx) => jobs.setProgress(trx, jobId, attempt, value));
+      await write(value);
     } catch (err) {
       log.warn({ err }, 'could not record progress');
     } finally {

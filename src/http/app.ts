@@ -16,7 +16,7 @@ import type { MediaStorage } from '../media/storage.ts';
 import type { Metrics } from '../metrics.ts';
 import { getWebhookSecret } from '../webhooks/webhook.service.ts';
 import { streamJobEvents } from './job-events.stream.ts';
-import { errorHandler, notFoundHandler, sendProblem } from './problem.ts';
+import { errorHandler, notFoundHandler, RETRY_AFTER_SECONDS, sendProblem } from './problem.ts';
 
 export interface AppDeps extends JobServiceDeps {
   storage: MediaStorage;
@@ -127,7 +127,7 @@ export function createApp(deps: AppDeps): App {
       await sql`select 1`.execute(deps.db);
       res.json({ status: 'ok' });
     } catch {
-      res.set('Retry-After', '5');
+      res.set('Retry-After', String(RETRY_AFTER_SECONDS));
       sendProblem(res, { status: 503, detail: 'the database is not reachable', type: 'urn:problem:unavailable' });
     }
   });

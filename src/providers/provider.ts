@@ -68,5 +68,3 @@ export class ProviderError extends Error {
     this.predictTimeMs = options.predictTimeMs;
   }
 }
-
-export const isPermanent = (err: unknown): boolean => err instanceof ProviderError && err.kind === 'permanent';

@@ -10,7 +10,9 @@ COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --ignore-scripts && npm cache clean --force
 
 FROM node:24-bookworm-slim AS runtime
+# MALLOC_ARENA_MAX: libvips' threads otherwise grow many glibc arenas (in-flight bench: 394 → 367 MB).
 ENV NODE_ENV=production \
+    MALLOC_ARENA_MAX=2 \
     PORT=8000 \
     MEDIA_DIR=/app/media \
     RUN_MIGRATIONS=false

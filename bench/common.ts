@@ -76,15 +76,19 @@ export function forkChild(script: string, options: ForkOptions): ChildProcess {
   return child;
 }
 
-/** Waits for the first IPC message of `type` (or the child's death, or the timeout). */
-export function waitForMessage<T = Record<string, unknown>>(child: ChildProcess, type: string, timeoutMs: number): Promise<T> {
+/**
+ * The first IPC message `pick` accepts (it returns the value, or an Error to fail), bounded by the
+ * timeout and by the child's death; `what` names it in errors.
+ */
+function awaitMessage<T>(child: ChildProcess, what: string, timeoutMs: number, pick: (m: Record<string, unknown>) => T | Error | undefined): Promise<T> {
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => done(new Error(`timed out after ${timeoutMs} ms waiting for '${type}' from child ${child.pid}`)), timeoutMs);
-    const onMessage = (m: { type?: string; error?: string }) => {
-      if (m?.type === 'fatal') done(new Error(`child ${child.pid} failed: ${m.error}`));
-      else if (m?.type === type) done(undefined, m as T);
+    const timer = setTimeout(() => done(new Error(`timed out after ${timeoutMs} ms waiting for ${what} from child ${child.pid}`)), timeoutMs);
+    const onMessage = (m: Record<string, unknown>) => {
+      const picked = m ? pick(m) : undefined;
+      if (picked instanceof Error) done(picked);
+      else if (picked !== undefined) done(undefined, picked);
     };
-    const onExit = (code: number | null, signal: string | null) => done(new Error(`child ${child.pid} exited (${code ?? signal}) before '${type}'`));
+    const onExit = (code: number | null, signal: string | null) => done(new Error(`child ${child.pid} exited (${code ?? signal}) before ${what}`));
     const done = (err?: Error, value?: T) => {
       clearTimeout(timer);
       child.off('message', onMessage);
@@ -97,28 +101,23 @@ export function waitForMessage<T = Record<string, unknown>>(child: ChildProcess,
   });
 }
 
+/** Waits for the first IPC message of `type` (or the child's death, or the timeout). */
+export function waitForMessage<T = Record<string, unknown>>(child: ChildProcess, type: string, timeoutMs: number): Promise<T> {
+  return awaitMessage(child, `'${type}'`, timeoutMs, (m) =>
+    m.type === 'fatal' ? new Error(`child ${child.pid} failed: ${m.error}`) : m.type === type ? (m as T) : undefined,
+  );
+}
+
 let nextCallId = 1;
 
 /** A request over IPC: sends {cmd, id, ...args} and resolves with the child's {type:'reply', id} answer. */
 export async function call<T = Record<string, unknown>>(child: ChildProcess, cmd: string, args: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<T> {
   const id = nextCallId++;
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => done(new Error(`timed out after ${timeoutMs} ms waiting for the reply to '${cmd}' from child ${child.pid}`)), timeoutMs);
-    const onMessage = (m: { type?: string; id?: number; error?: string }) => {
-      if (m?.type === 'reply' && m.id === id) done(m.error ? new Error(`child ${child.pid}: ${cmd} failed: ${m.error}`) : undefined, m as T);
-    };
-    const onExit = (code: number | null, signal: string | null) => done(new Error(`child ${child.pid} exited (${code ?? signal}) during '${cmd}'`));
-    const done = (err?: Error, value?: T) => {
-      clearTimeout(timer);
-      child.off('message', onMessage);
-      child.off('exit', onExit);
-      if (err) reject(err);
-      else resolve(value as T);
-    };
-    child.on('message', onMessage);
-    child.once('exit', onExit);
-    child.send({ ...args, cmd, id });
-  });
+  const reply = awaitMessage(child, `the reply to '${cmd}'`, timeoutMs, (m) =>
+    m.type === 'reply' && m.id === id ? (m.error ? new Error(`child ${child.pid}: ${cmd} failed: ${m.error}`) : (m as T)) : undefined,
+  );
+  child.send({ ...args, cmd, id });
+  return reply;
 }
 
 /** Asks the child to stop (IPC 'stop', then SIGTERM, then SIGKILL), bounded in time. */

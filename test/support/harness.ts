@@ -7,7 +7,7 @@ import { parseConfig, type Config } from '../../src/config.ts';
 import { createLogger } from '../../src/logger.ts';
 import type { ImageProvider } from '../../src/providers/provider.ts';
 import { startService, type Service } from '../../src/service.ts';
-import { createDatabaseFromTemplate } from './postgres.ts';
+import { createDatabaseFromTemplate, TEST_DB_PREFIX } from './postgres.ts';
 
 export function adminUrl(): string {
   const url = process.env.TEST_PG_ADMIN_URL;
@@ -17,7 +17,7 @@ export function adminUrl(): string {
 
 /** A fresh database, copied from the migrated template. */
 export async function createTestDatabase(): Promise<string> {
-  return createDatabaseFromTemplate(adminUrl(), `t_${randomBytes(6).toString('hex')}`);
+  return createDatabaseFromTemplate(adminUrl(), `${TEST_DB_PREFIX}${randomBytes(6).toString('hex')}`);
 }
 
 /** Settings for tests: quiet, loopback, ephemeral port, a temp media dir, fast polling and retries. */

@@ -19,6 +19,16 @@ export interface TestPostgres {
 }
 
 export const TEMPLATE_DB = 'media_test_template';
+/** Every test database is named with this prefix (and dropped after the run on a server we were given). */
+export const TEST_DB_PREFIX = 'media_test_db_';
+
+/** Drops the template and the test databases: on TEST_DATABASE_URL's server nothing of ours is left. */
+export async function dropTestDatabases(adminUrl: string): Promise<void> {
+  await withClient(adminUrl, async (c) => {
+    const { rows } = await c.query<{ datname: string }>('select datname from pg_database where datname like $1 or datname = $2', [`${TEST_DB_PREFIX}%`, TEMPLATE_DB]);
+    for (const { datname } of rows) await c.query(`DROP DATABASE IF EXISTS "${datname}" WITH (FORCE)`);
+  });
+}
 
 export async function startTestPostgres(): Promise<TestPostgres> {
   if (process.env.TEST_DATABASE_URL) {

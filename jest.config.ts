@@ -11,6 +11,7 @@ const config: Config = {
   setupFiles: ['<rootDir>/test/support/block-network.ts'],
   globalSetup: '<rootDir>/test/support/global-setup.ts',
   globalTeardown: '<rootDir>/test/support/global-teardown.ts',
+  reporters: ['default', '<rootDir>/test/support/summary-reporter.cjs'],
   testTimeout: 60_000,
   maxWorkers: 2,
 };

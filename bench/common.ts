@@ -67,7 +67,8 @@ export function forkChild(script: string, options: ForkOptions): ChildProcess {
   const child = fork(fileURLToPath(new URL(script, import.meta.url)), options.args ?? [], {
     env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...options.env },
     stdio: ['ignore', fd, fd, 'ipc'],
-    execArgv: [...(process.env.BENCH_CHILD_EXEC_ARGV ? process.env.BENCH_CHILD_EXEC_ARGV.split(' ') : [])],
+    // As the service's start scripts and image run it (the baselines get the same flags).
+    execArgv: ['--max-semi-space-size=2', ...(process.env.BENCH_CHILD_EXEC_ARGV ? process.env.BENCH_CHILD_EXEC_ARGV.split(' ') : [])],
     serialization: 'advanced',
   });
   closeSync(fd);

@@ -106,19 +106,10 @@ export async function startWorker(input: Omit<WorkerDeps, 'workerName'> & { work
     { ...polling, batchSize: 50, includeMetadata: true as const, perJobResults: true as const },
     (batch: JobWithMetadata<QueuePayloads['generate-dead']>[]) => Promise.all(batch.map((job) => settleDeadJob(deps, job))),
   );
-  await deps.boss.work(WEBHOOK, { ...polling, batchSize: 10, includeMetadata: true as const, perJobResults: true as const }, (batch: JobWithMetadata<QueuePayloads['webhook']>[]) =>
-    Promise.all(
-      batch.map(async (job): Promise<JobResult> => {
-        try {
-          await deliverWebhook(deps, job.data.deliveryId, job.retryCount >= job.retryLimit);
-          deps.metrics.webhookDeliveries.inc({ outcome: 'delivered' });
-          return { id: job.id, status: 'completed' };
-        } catch (err) {
-          deps.metrics.webhookDeliveries.inc({ outcome: 'failed' });
-          return { id: job.id, status: 'failed', output: { error: (err as Error).message } };
-        }
-      }),
-    ),
+  await deps.boss.work(
+    WEBHOOK,
+    { ...polling, batchSize: 10, includeMetadata: true as const, perJobResults: true as const },
+    (batch: JobWithMetadata<QueuePayloads['webhook']>[]) => Promise.all(batch.map((job) => deliverWebhookJob(deps, job))),
   );
   await deps.boss.schedule(MAINTENANCE, '*/10 * * * *');
   await deps.boss.work(MAINTENANCE, { pollingIntervalSeconds: 30 }, () => runMaintenance(deps));
@@ -370,6 +361,18 @@ async function failJob(
   }
   // A permanent failure goes to the dead-letter queue at once, skipping the retries it would waste.
   return { id: job.id, status: permanent ? 'deadletter' : 'failed', output: { error, kind } };
+}
+
+/** One try of a webhook delivery; a failed try is retried by the queue with backoff. */
+async function deliverWebhookJob(deps: WorkerDeps, job: JobWithMetadata<QueuePayloads['webhook']>): Promise<JobResult> {
+  try {
+    await deliverWebhook(deps, job.data.deliveryId, job.retryCount >= job.retryLimit);
+    deps.metrics.webhookDeliveries.inc({ outcome: 'delivered' });
+    return { id: job.id, status: 'completed' };
+  } catch (err) {
+    deps.metrics.webhookDeliveries.inc({ outcome: 'failed' });
+    return { id: job.id, status: 'failed', output: { error: (err as Error).message } };
+  }
 }
 
 /** Housekeeping every 10 minutes: forget idempotency keys past their retention. */

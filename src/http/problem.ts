@@ -38,13 +38,13 @@ const titles: Record<number, string> = {
 
 export function sendProblem(res: Response, problem: ProblemInput): void {
   const body: Problem & Record<string, unknown> = {
-    ...problem.extensions,
     type: problem.type ?? 'about:blank',
     title: problem.title ?? titles[problem.status] ?? 'Error',
     status: problem.status,
     ...(problem.detail ? { detail: problem.detail } : {}),
     ...(problem.instance ? { instance: problem.instance } : {}),
     ...(problem.errors?.length ? { errors: problem.errors } : {}),
+    ...problem.extensions,
   };
   res.status(problem.status).type('application/problem+json').send(JSON.stringify(body));
 }

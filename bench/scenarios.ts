@@ -4,7 +4,7 @@ import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync } from 'node:fs';
 import path from 'node:path';
 import { call, debug, forkChild, nowMs, peakRss, percentile, readCpuMs, readMemory, sleep, stopChild, waitForMessage } from './common.ts';
-import { bareProgress, bareSpanSeconds, enqueueBare, enqueueOurs, openBenchDb, ourProgress, ourSpanSeconds, type BenchDb } from './db.ts';
+import { bareProgress, bareSpanSeconds, enqueueBare, enqueueOurs, openBenchDb, ourProgress, ourSpanSeconds } from './db.ts';
 import type { LoadResult, LoadSpec } from './load.ts';
 
 export interface Server {
@@ -158,13 +158,7 @@ export async function submitScenario(ctx: Context, memory: MemoryLog): Promise<M
         base.p99.push(result.p99);
         ctx.log(`  run ${run + 1}: direct pg ${result.perSecond.toFixed(0)} tx/s p50 ${result.p50.toFixed(1)} p99 ${result.p99.toFixed(1)} ms`);
       };
-      if (run % 2 === 0) {
-        await doOurs();
-        await doBase();
-      } else {
-        await doBase();
-        await doOurs();
-      }
+      await alternate(run, doOurs, doBase);
     } finally {
       await db.drop();
     }
@@ -354,13 +348,7 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
           await stopChild(worker.child);
         }
       };
-      if (run % 2 === 0) {
-        await doOurs();
-        await doBase();
-      } else {
-        await doBase();
-        await doOurs();
-      }
+      await alternate(run, doOurs, doBase);
     } finally {
       await bench.close();
       await db.drop();
@@ -487,13 +475,7 @@ export async function throughputScenario(ctx: Context, memory: MemoryLog): Promi
           await stopChild(worker.child);
         }
       };
-      if (run % 2 === 0) {
-        await doOurs();
-        await doBase();
-      } else {
-        await doBase();
-        await doOurs();
-      }
+      await alternate(run, doOurs, doBase);
     } finally {
       await bench.close();
       await db.drop();
@@ -680,4 +662,9 @@ export class MemoryLog {
       ratioAsTimes: true,
     }));
   }
+}
+
+/** Runs ours and the baseline in turn, swapping who goes first on every run, so neither always warms up the other. */
+async function alternate(run: number, ours: () => Promise<void>, base: () => Promise<void>): Promise<void> {
+  for (const step of run % 2 === 0 ? [ours, base] : [base, ours]) await step();
 }

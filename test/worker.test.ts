@@ -1,6 +1,5 @@
 // The worker's retry bookkeeping: retryable failures are retried with backoff and recorded, permanent
 // ones fail at once, and a worker started later picks up what was queued.
-import { createDatabase, createPool } from '../src/db/database.ts';
 import { listAttempts } from '../src/jobs/job.repository.ts';
 import { createLocalProvider } from '../src/providers/local.provider.ts';
 import { ProviderError, type ImageProvider } from '../src/providers/provider.ts';

@@ -198,12 +198,12 @@ export async function failAttempt(trx: Tx, jobId: string, number: number, failur
 }
 
 /** Ends a running attempt whose job was canceled meanwhile. */
-export async function cancelAttempt(trx: Tx, jobId: string, number: number, report: AttemptReport): Promise<void> {
-  await endAttempt(trx, jobId, number, 'canceled', { error: 'the job was canceled', kind: 'canceled' }, report);
+export async function cancelAttempt(db: Database | Tx, jobId: string, number: number, report: AttemptReport): Promise<void> {
+  await endAttempt(db, jobId, number, 'canceled', { error: 'the job was canceled', kind: 'canceled' }, report);
 }
 
 async function endAttempt(
-  trx: Tx,
+  trx: Database | Tx,
   jobId: string,
   number: number,
   outcome: 'succeeded' | 'failed' | 'canceled',

@@ -247,9 +247,8 @@ export async function processJob(
     }
     if (canceler.signal.aborted) {
       log.info('attempt stopped: the job was canceled');
-      await deps.db
-        .transaction()
-        .execute((trx) => jobs.cancelAttempt(trx, jobId, attempt, { predictionId: prediction.id }))
+      await jobs
+        .cancelAttempt(deps.db, jobId, attempt, { predictionId: prediction.id })
         .catch((dbErr) => log.warn({ err: dbErr }, 'could not record the canceled attempt'));
       return { id: job.id, status: 'completed' };
     }

@@ -18,7 +18,7 @@ import { gzipSync } from 'node:zlib';
 import { Ajv, type ValidateFunction } from 'ajv';
 import fc from 'fast-check';
 import YAML from 'yaml';
-import { specPath } from '../src/jobs/parameters.ts';
+import { specPath } from '../src/http/contract.ts';
 import { withClient } from './support/postgres.ts';
 import { startTestService, type TestService } from './support/harness.ts';
 

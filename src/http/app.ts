@@ -1,20 +1,18 @@
 // createApp(deps): the HTTP API. Requests (and, in tests, responses) are validated against openapi.yaml.
 import { randomUUID } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import express, { type Express, type Response } from 'express';
 import * as OpenApiValidator from 'express-openapi-validator';
 import { sql } from 'kysely';
 import { pinoHttp } from 'pino-http';
 import swaggerUi from 'swagger-ui-express';
-import YAML from 'yaml';
 import { AppError } from '../errors.ts';
 import type { JobEventHub } from '../jobs/job.events.ts';
 import { cancelJob, getJobStatus, listJobs, submitJob, type GenerateRequest, type JobServiceDeps, type ListQuery } from '../jobs/job.service.ts';
-import { specPath } from '../jobs/parameters.ts';
 import type { Logger } from '../logger.ts';
 import type { MediaStorage } from '../media/storage.ts';
 import type { Metrics } from '../metrics.ts';
 import { getWebhookSecret } from '../webhooks/webhook.service.ts';
+import { spec, specPath, specText } from './contract.ts';
 import { streamJobEvents } from './job-events.stream.ts';
 import { errorHandler, notFoundHandler, RETRY_AFTER_SECONDS, sendProblem } from './problem.ts';
 
@@ -33,8 +31,6 @@ export interface App {
   /** Ends the open event streams (on shutdown, so the server can close). */
   closeStreams(): void;
 }
-
-const specText = readFileSync(specPath, 'utf8');
 
 export function createApp(deps: AppDeps): App {
   const app = express();
@@ -59,7 +55,7 @@ export function createApp(deps: AppDeps): App {
   app.get('/openapi.yaml', (_req, res) => {
     res.type('application/yaml').send(specText);
   });
-  app.use('/docs', swaggerUi.serve, swaggerUi.setup(YAML.parse(specText), { customSiteTitle: 'Media generation API' }));
+  app.use('/docs', swaggerUi.serve, swaggerUi.setup(spec, { customSiteTitle: 'Media generation API' }));
 
   app.use(express.json({ limit: deps.maxBodyBytes, strict: true, type: 'application/json' }));
   app.use(

@@ -1,19 +1,15 @@
 // Resolves a submission's `parameters` (object, JSON string or absent) to validated values with defaults.
-import { readFileSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import { Ajv } from 'ajv';
-import YAML from 'yaml';
 import { AppError } from '../errors.ts';
 import type { components } from '../http/api-types.ts';
+import { spec } from '../http/contract.ts';
 
 export type GenerationParameters = components['schemas']['GenerationParameters'];
 export type ResolvedParameters = components['schemas']['ResolvedParameters'];
 
-export const specPath = fileURLToPath(new URL('../../openapi.yaml', import.meta.url));
-
 // The object form is validated by the request validator; the string form is validated here against the
 // same schema from the contract, so both give the same errors.
-const parametersSchema = YAML.parse(readFileSync(specPath, 'utf8')).components.schemas.GenerationParameters;
+const parametersSchema = spec.components.schemas.GenerationParameters;
 const validate = new Ajv({ allErrors: true, useDefaults: true, strict: false }).compile<GenerationParameters>(parametersSchema);
 
 export function resolveParameters(raw: GenerationParameters | string | undefined): ResolvedParameters {

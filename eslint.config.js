@@ -23,8 +23,9 @@ export default tseslint.config(
       // A `default:` branch handles the rest on purpose (e.g. a provider's status string we don't know yet);
       // without a default, every member of a union must have its case.
       '@typescript-eslint/switch-exhaustiveness-check': ['error', { considerDefaultExhaustiveForUnions: true }],
-      // Passing a caught `unknown` on to reject() forwards an error; it does not invent a non-Error one.
-      '@typescript-eslint/prefer-promise-reject-errors': ['error', { allowThrowingUnknown: true }],
+      // Passing a caught `unknown` (or an AbortSignal's `any` reason) on to reject() forwards an error; it does
+      // not invent a non-Error one.
+      '@typescript-eslint/prefer-promise-reject-errors': ['error', { allowThrowingUnknown: true, allowThrowingAny: true }],
       // Express error handlers are recognised by their four parameters, so `_next` must stay.
       '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', caughtErrorsIgnorePattern: '^_' }],
     },

@@ -81,11 +81,14 @@ export function forkChild(script: string, options: ForkOptions): ChildProcess {
  * The first IPC message `pick` accepts (it returns the value, or an Error to fail), bounded by the
  * timeout and by the child's death; `what` names it in errors.
  */
-function awaitMessage<T>(child: ChildProcess, what: string, timeoutMs: number, pick: (m: Record<string, unknown>) => T | Error | undefined): Promise<T> {
+/** An IPC message from a bench child; children send errors as text. */
+type ChildMessage = Record<string, unknown> & { error?: string };
+
+function awaitMessage<T>(child: ChildProcess, what: string, timeoutMs: number, pick: (m: ChildMessage) => T | Error | undefined): Promise<T> {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => done(new Error(`timed out after ${timeoutMs} ms waiting for ${what} from child ${child.pid}`)), timeoutMs);
-    const onMessage = (m: Record<string, unknown>) => {
-      const picked = m ? pick(m) : undefined;
+    const onMessage = (m: ChildMessage) => {
+      const picked = pick(m);
       if (picked instanceof Error) done(picked);
       else if (picked !== undefined) done(undefined, picked);
     };

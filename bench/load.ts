@@ -209,6 +209,6 @@ try {
   send({ ...result, cpuMsPerRequest: (used.user + used.system) / 1000 / Math.max(1, result.requests) });
   process.exit(0);
 } catch (err) {
-  send({ type: 'fatal', error: String((err as Error)?.stack ?? err) });
+  send({ type: 'fatal', error: err instanceof Error ? (err.stack ?? err.message) : String(err) });
   process.exit(1);
 }

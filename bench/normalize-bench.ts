@@ -93,6 +93,6 @@ try {
   });
   process.exit(0);
 } catch (err) {
-  send({ type: 'fatal', error: String((err as Error)?.stack ?? err) });
+  send({ type: 'fatal', error: err instanceof Error ? (err.stack ?? err.message) : String(err) });
   process.exit(1);
 }

@@ -49,7 +49,7 @@ if (flags.help) {
   process.exit(0);
 }
 
-const quick = flags.quick!;
+const quick = flags.quick;
 const runs = Math.max(1, Math.min(9, Number(flags.runs ?? (quick ? 1 : 3))));
 const only = new Set<ScenarioName>(
   (flags.only ? flags.only.split(',').map((s) => s.trim().replace(/^normalize$/, 'normalise')) : SCENARIOS) as ScenarioName[],
@@ -215,7 +215,7 @@ try {
     quick,
     runs,
     tmp,
-    logLevel: flags['log-level']!,
+    logLevel: flags['log-level'],
     serviceEnv: Object.fromEntries(
       (flags['service-env'] ?? '')
         .split(',')
@@ -244,8 +244,8 @@ try {
     try {
       measures.push(...(await fn()));
     } catch (err) {
-      scenarioErrors.push(`${name}: ${(err as Error).stack ?? err}`);
-      console.error(`scenario ${name} failed: ${(err as Error).stack ?? err}`);
+      scenarioErrors.push(`${name}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+      console.error(`scenario ${name} failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
       await stopAllChildren();
     }
   };
@@ -296,6 +296,7 @@ try {
   failed = true;
   console.error('bench failed:', err);
 } finally {
+  // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- the signal handler sets it while we await
   if (!exiting) {
     exiting = true;
     await cleanup();

@@ -209,7 +209,7 @@ function startCollector(child: ChildProcess, type = 'start') {
   const starts = new Map<string, number>();
   const waiters = new Map<string, (t: number) => void>();
   child.on('message', (m: { type?: string; jobId?: string; t?: number }) => {
-    if (m?.type !== type || !m.jobId) return;
+    if (m.type !== type || !m.jobId) return;
     starts.set(m.jobId, m.t!);
     waiters.get(m.jobId)?.(m.t!);
   });

@@ -127,6 +127,6 @@ try {
   });
   send({ type: 'ready', port: service.port, pid: process.pid });
 } catch (err) {
-  send({ type: 'fatal', error: String((err as Error)?.stack ?? err) });
+  send({ type: 'fatal', error: err instanceof Error ? (err.stack ?? err.message) : String(err) });
   await stop(1);
 }

@@ -103,7 +103,7 @@ async function request(pathname: string, init: RequestInit = {}): Promise<Answer
   try {
     res = await fetch(`${svc.baseUrl}${pathname}`, { ...init, signal: AbortSignal.timeout(REQUEST_BOUND_MS) });
   } catch (err) {
-    throw new Error(`${init.method ?? 'GET'} ${pathname} got no answer within ${REQUEST_BOUND_MS} ms (${Date.now() - started} ms): ${String(err)}`);
+    throw new Error(`${init.method ?? 'GET'} ${pathname} got no answer within ${REQUEST_BOUND_MS} ms (${Date.now() - started} ms): ${String(err)}`, { cause: err });
   }
   const text = await res.text();
   let body: unknown = text;

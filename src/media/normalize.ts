@@ -51,7 +51,7 @@ export async function normalizeImage(input: Buffer, options: NormalizeOptions): 
 /** Width, height and format of an encoded image, from its header (for tests and checks). */
 export async function probeImage(input: Buffer): Promise<{ width: number; height: number; format: string }> {
   const meta = await sharp(input).metadata();
-  return { width: meta.width ?? 0, height: meta.height ?? 0, format: meta.format ?? 'unknown' };
+  return { width: meta.width, height: meta.height, format: meta.format };
 }
 
 /** A small WebP preview of an (already normalised) image: at most `maxSide` px on its longer side. */

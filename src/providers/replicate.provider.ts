@@ -436,21 +436,15 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
         return fail(`is on a host that is not allowed for downloads (${url.protocol}//${url.host})`);
       }
       const sizeGuard = new AbortController();
-      let tooLarge = false;
       const downloadSignal = AbortSignal.any([signal, sizeGuard.signal]);
       try {
-        const pending = downloader(url, {
+        const response = await downloader(url, {
           signal: downloadSignal,
           timeout: { request: options.downloadTimeoutMs },
           retry: retryFor('download', Date.now() + options.downloadTimeoutMs),
+        }).on('downloadProgress', (progress) => {
+          if ((progress.total ?? 0) > options.downloadMaxBytes || progress.transferred > options.downloadMaxBytes) sizeGuard.abort();
         });
-        pending.on('downloadProgress', (progress) => {
-          if ((progress.total ?? 0) > options.downloadMaxBytes || progress.transferred > options.downloadMaxBytes) {
-            tooLarge = true;
-            sizeGuard.abort();
-          }
-        });
-        const response = await pending;
         logDebug({ method: 'GET', url: urlForLog(url.href), status: response.statusCode, predictionId: context.predictionId }, 'replicate: download');
         if (response.statusCode >= 300) {
           return fail(`redirects to a host that is not allowed for downloads (${redirectTarget(response.headers.location, url)})`);
@@ -459,7 +453,7 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
       } catch (error) {
         if (error instanceof ProviderError) throw error;
         if (signal.aborted) throw new Interrupted('interrupted', { cause: signal.reason });
-        if (tooLarge) return fail(`is larger than the ${options.downloadMaxBytes}-byte limit`);
+        if (sizeGuard.signal.aborted) return fail(`is larger than the ${options.downloadMaxBytes}-byte limit`);
         const status = error instanceof HTTPError ? ` (HTTP ${error.response.statusCode})` : '';
         logDebug({ method: 'GET', url: urlForLog(url.href), err: describe(error), predictionId: context.predictionId }, 'replicate: download failed');
         return fail(`could not be downloaded${status}: ${(error as Error).message}`, error);
@@ -660,7 +654,7 @@ function providerError(kind: ProviderErrorKind, message: string, context: ErrorC
 /** A plain Error in place of got's (whose `options` hold the Authorization header), so logging a cause can't leak the token. */
 function sanitizedCause(error: unknown): Error {
   const plain = new Error(describe(error));
-  const code = (error as { code?: unknown })?.code;
+  const code = typeof error === 'object' && error !== null && 'code' in error ? error.code : undefined;
   if (typeof code === 'string') Object.assign(plain, { code });
   return plain;
 }
@@ -731,7 +725,7 @@ function mapRequestError(error: unknown, context: ErrorContext): ProviderError {
   }
   if (error instanceof TimeoutError) return providerError('retryable', `request timed out: ${error.message}`, context, error);
   if (error instanceof RequestError) return providerError('retryable', `request failed (${error.code}): ${error.message}`, context, error);
-  return providerError('retryable', `unexpected error: ${(error as Error)?.message ?? String(error)}`, context, error);
+  return providerError('retryable', `unexpected error: ${error instanceof Error ? error.message : String(error)}`, context, error);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -768,8 +762,8 @@ function raceInterrupt<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> 
 }
 
 /** A URL fit for logs: no query, no credentials, data: URIs shortened. */
-function urlForLog(url: unknown): string {
-  const text = url instanceof URL ? url.href : String(url ?? '');
+function urlForLog(url: string | URL | undefined): string {
+  const text = url instanceof URL ? url.href : (url ?? '');
   if (text.startsWith('data:')) return `${text.slice(0, 30)}…`;
   try {
     const u = new URL(text);

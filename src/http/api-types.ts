@@ -347,7 +347,12 @@ export interface components {
         };
         /** @description RFC 9457 problem details. */
         Problem: {
-            /** @description A URI reference naming the kind of problem (`about:blank` when the status says it all). */
+            /**
+             * @description The kind of problem, the same whichever layer found it: `urn:problem:validation_failed` (400),
+             *     `urn:problem:not_found`, `urn:problem:job_finished` (409), `urn:problem:idempotency_conflict`
+             *     (422), `urn:problem:payload_too_large`, `urn:problem:unsupported_media_type`,
+             *     `urn:problem:unavailable` (503), `urn:problem:internal` (500), and so on.
+             */
             type: string;
             title: string;
             status: number;
@@ -540,7 +545,7 @@ export interface operations {
             query?: {
                 /** @description Only jobs in these states (repeat the parameter for several). */
                 status?: components["schemas"]["JobState"][];
-                /** @description Only jobs created strictly after this instant. */
+                /** @description Only jobs created strictly after this instant (`2026-11-01T00:00:00Z`; the colons need no encoding, a `+` offset must be sent as `%2B`). */
                 created_after?: string;
                 /** @description Only jobs created strictly before this instant. */
                 created_before?: string;
@@ -641,13 +646,26 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The event stream. */
+            /**
+             * @description The event stream (`text/event-stream`). Each event has an `event:` line (`status`, `progress`
+             *     or `position`), an `id:` line (the job's event number, `seq`) and one `data:` line holding a
+             *     JobEvent as JSON; the schema below describes that `data`. Comment lines (`: keepalive`) keep
+             *     idle connections open. For example:
+             *
+             *         event: status
+             *         id: 1
+             *         data: {"job_id":"4b1c…","seq":1,"status":"queued","at":"2026-11-01T12:00:00.000Z"}
+             *
+             *         event: position
+             *         id: 1
+             *         data: {"job_id":"4b1c…","seq":1,"status":"queued","at":"…","queue_position":2}
+             */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": string;
+                    "text/event-stream": components["schemas"]["JobEvent"];
                 };
             };
             400: components["responses"]["BadRequest"];

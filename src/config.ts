@@ -49,6 +49,8 @@ const schema = z.object({
   WEBHOOK_RETRY_LIMIT: int(0, 50).default(8),
   WEBHOOK_TIMEOUT_MS: int(100, 120_000).default(10_000),
   METRICS_PORT: int(0, 65535).optional(),
+  // Origins whose web pages may call the API (CORS): unset = pages on this machine, `*` = any, or a list.
+  CORS_ORIGINS: list.optional(),
 });
 
 /** Every variable the configuration knows (tests check `.env.example` documents exactly these). */

@@ -99,6 +99,7 @@ export async function startService(options: ServiceOptions): Promise<Service> {
         queueConfig: config,
         webhookConfig: config,
         maxBodyBytes: config.MAX_BODY_BYTES,
+        corsOrigins: config.CORS_ORIGINS,
         validateResponses: options.validateResponses,
       });
       const { answerClientError, answerConnect, answerExpectation } = await import('./http/problem.ts');

@@ -13,6 +13,7 @@ import type { MediaStorage } from '../media/storage.ts';
 import type { Metrics } from '../metrics.ts';
 import { getWebhookSecret } from '../webhooks/webhook.service.ts';
 import { spec, specPath, specText } from './contract.ts';
+import { corsPolicy } from './cors.ts';
 import { streamJobEvents } from './job-events.stream.ts';
 import { errorHandler, notFoundHandler, RETRY_AFTER_SECONDS, sendProblem } from './problem.ts';
 
@@ -22,6 +23,8 @@ export interface AppDeps extends JobServiceDeps {
   events: JobEventHub;
   metrics: Metrics;
   maxBodyBytes: number;
+  /** Origins allowed to call from a browser (CORS_ORIGINS); undefined = loopback pages only. */
+  corsOrigins?: readonly string[];
   /** Validate every response against the contract (on in tests: a drift is a 500 there). */
   validateResponses?: boolean;
 }
@@ -37,6 +40,7 @@ export function createApp(deps: AppDeps): App {
   const streams = new Set<Response>();
   app.disable('x-powered-by');
   app.set('query parser', 'simple');
+  app.use(corsPolicy(deps.corsOrigins));
 
   app.use(
     pinoHttp({

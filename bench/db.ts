@@ -2,6 +2,7 @@
 import { randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { PgBoss, type JobInsert } from 'pg-boss';
+import { LOCAL_PRINCIPAL_ID } from '../src/auth/principal.ts';
 import { parseConfig } from '../src/config.ts';
 import { GENERATE, GENERATE_DEAD, generatePolicy } from '../src/queue/queue.ts';
 
@@ -66,9 +67,9 @@ export async function enqueueOurs(db: BenchDb, count: number, image: ImageSpec, 
     const chunk = Array.from({ length: Math.min(batch, count - done) }, (_, i) => ({ id: randomUUID(), n: done + i }));
     await inTransaction(db.pool, async (c) => {
       await c.query(
-        `INSERT INTO jobs (id, prompt, parameters, provider)
-         SELECT id, prompt, $3::jsonb, 'local' FROM unnest($1::uuid[], $2::text[]) AS t(id, prompt)`,
-        [chunk.map((j) => j.id), chunk.map((j) => `bench image ${j.n}`), parameters],
+        `INSERT INTO jobs (id, owner_id, prompt, parameters, provider)
+         SELECT id, $4, prompt, $3::jsonb, 'local' FROM unnest($1::uuid[], $2::text[]) AS t(id, prompt)`,
+        [chunk.map((j) => j.id), chunk.map((j) => `bench image ${j.n}`), parameters, LOCAL_PRINCIPAL_ID],
       );
       const jobs: JobInsert[] = chunk.map((j) => ({ id: j.id, data: { jobId: j.id }, priority: 0, ...policy, deadLetter: GENERATE_DEAD }));
       await db.boss.insert(GENERATE, jobs, { db: adapter(c) });

@@ -15,6 +15,7 @@ import autocannon from 'autocannon';
 import pg from 'pg';
 import { PgBoss } from 'pg-boss';
 import { parseConfig } from '../src/config.ts';
+import { LOCAL_PRINCIPAL_ID } from '../src/auth/principal.ts';
 import { createDatabase } from '../src/db/database.ts';
 import { GENERATE, GENERATE_DEAD, generatePolicy } from '../src/queue/queue.ts';
 import { nowMs, percentile } from './common.ts';
@@ -163,8 +164,8 @@ async function direct(spec: LoadSpec): Promise<LoadResult> {
   const insertFor = (id: string) =>
     db
       .insertInto('jobs')
-      .values({ id, prompt: spec.body.prompt, parameters: JSON.stringify(parameters), provider: 'local', idempotency_key: null, request_hash: null })
-      .onConflict((oc) => oc.column('idempotency_key').where('idempotency_key', 'is not', null).doNothing())
+      .values({ id, owner_id: LOCAL_PRINCIPAL_ID, prompt: spec.body.prompt, parameters: JSON.stringify(parameters), provider: 'local', idempotency_key: null, request_hash: null })
+      .onConflict((oc) => oc.columns(['owner_id', 'idempotency_key']).where('idempotency_key', 'is not', null).doNothing())
       .returningAll()
       .compile();
 

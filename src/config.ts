@@ -10,7 +10,8 @@ const list = z.string().transform((v) => v.split(',').map((s) => s.trim()).filte
 const schema = z.object({
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
   PORT: int(0, 65535).default(8000),
-  HOST: z.string().default('0.0.0.0'),
+  // Loopback by default: a networked bind (0.0.0.0, the image's setting) requires API keys.
+  HOST: z.string().default('127.0.0.1'),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/ }).optional(),
   DATABASE_POOL_MAX: int(1, 200).default(10),
@@ -51,6 +52,14 @@ const schema = z.object({
   METRICS_PORT: int(0, 65535).optional(),
   // Origins whose web pages may call the API (CORS): unset = pages on this machine, `*` = any, or a list.
   CORS_ORIGINS: list.optional(),
+
+  // Who may do what (see README "Security").
+  ANONYMOUS_ACCESS: z.enum(['loopback', 'off']).default('loopback'),
+  KEY_RATE_LIMIT_PER_SECOND: int(0, 1_000_000).default(20),
+  KEY_RATE_LIMIT_BURST: int(0, 1_000_000).default(100),
+  KEY_MAX_QUEUED_JOBS: int(0, 10_000_000).default(1000),
+  KEY_MAX_EVENT_STREAMS: int(0, 1_000_000).default(100),
+  KEY_MAX_PRIORITY: int(0, 100).default(10),
 });
 
 /** Every variable the configuration knows (tests check `.env.example` documents exactly these). */

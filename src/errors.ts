@@ -7,7 +7,10 @@ export type ErrorCode =
   | 'job_finished'
   | 'unavailable'
   | 'payload_too_large'
-  | 'unsupported_media_type';
+  | 'unsupported_media_type'
+  | 'unauthorized'
+  | 'forbidden'
+  | 'rate_limited';
 
 const statusOf: Record<ErrorCode, number> = {
   validation_failed: 400,
@@ -17,6 +20,9 @@ const statusOf: Record<ErrorCode, number> = {
   unavailable: 503,
   payload_too_large: 413,
   unsupported_media_type: 415,
+  unauthorized: 401,
+  forbidden: 403,
+  rate_limited: 429,
 };
 
 export interface FieldError {
@@ -30,6 +36,8 @@ export class AppError extends Error {
   readonly errors?: FieldError[];
   /** Extension members of the problem document (e.g. the unchanged `job` of a 409). */
   readonly extensions?: Record<string, unknown>;
+  /** Sent as `Retry-After` (a 429 says when to come back). */
+  retryAfterSeconds?: number;
 
   constructor(code: ErrorCode, message: string, errors?: FieldError[], extensions?: Record<string, unknown>) {
     super(message);

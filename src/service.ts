@@ -98,6 +98,7 @@ export async function startService(options: ServiceOptions): Promise<Service> {
         provider: provider.name,
         queueConfig: config,
         webhookConfig: config,
+        security: config,
         maxBodyBytes: config.MAX_BODY_BYTES,
         corsOrigins: config.CORS_ORIGINS,
         validateResponses: options.validateResponses,

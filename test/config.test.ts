@@ -58,7 +58,7 @@ describe('parseConfig', () => {
     const config = parseConfig({});
     expect(config).toMatchObject({
       PORT: 8000,
-      HOST: '0.0.0.0',
+      HOST: '127.0.0.1',
       JOB_RETRY_LIMIT: 5,
       JOB_RETRY_DELAY_SECONDS: 1,
       JOB_RETRY_DELAY_MAX_SECONDS: 60,

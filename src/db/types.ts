@@ -9,6 +9,8 @@ export type Generated<T> = T extends ColumnType<infer S, infer I, infer U>
   ? ColumnType<S, I | undefined, U>
   : ColumnType<T, T | undefined, T>;
 
+export type Int8 = ColumnType<string, bigint | number | string, bigint | number | string>;
+
 export type Json = JsonValue;
 
 export type JsonArray = JsonValue[];
@@ -22,6 +24,18 @@ export type JsonPrimitive = boolean | number | string | null;
 export type JsonValue = JsonArray | JsonObject | JsonPrimitive;
 
 export type Timestamp = ColumnType<Date, Date | string, Date | string>;
+
+export interface ApiKeys {
+  created_at: Generated<Timestamp>;
+  id: Generated<string>;
+  key_hash: string | null;
+  max_priority: number | null;
+  name: string;
+  operator: Generated<boolean>;
+  prefix: string;
+  revoked_at: Timestamp | null;
+  webhook_secret: string | null;
+}
 
 export interface JobAttempts {
   error: string | null;
@@ -54,6 +68,7 @@ export interface Jobs {
   idempotency_key: string | null;
   last_error: string | null;
   outputs: Generated<Json>;
+  owner_id: string;
   parameters: Json;
   prediction_id: string | null;
   priority: Generated<number>;
@@ -68,9 +83,10 @@ export interface Jobs {
   webhook_url: string | null;
 }
 
-export interface Settings {
-  name: string;
-  value: string;
+export interface RateLimits {
+  expire: Int8 | null;
+  key: string;
+  points: Generated<number>;
 }
 
 export interface WebhookDeliveries {
@@ -89,9 +105,10 @@ export interface WebhookDeliveries {
 }
 
 export interface DB {
+  api_keys: ApiKeys;
   job_attempts: JobAttempts;
   job_events: JobEvents;
   jobs: Jobs;
-  settings: Settings;
+  rate_limits: RateLimits;
   webhook_deliveries: WebhookDeliveries;
 }

@@ -3,10 +3,13 @@ import { randomUUID } from 'node:crypto';
 import express, { type Express, type Response } from 'express';
 import * as OpenApiValidator from 'express-openapi-validator';
 import { sql } from 'kysely';
+import { createAuthenticator, principalOf, requirePrincipal, type AuthConfig } from '../auth/authenticate.ts';
+import { createRateLimiter, createStreamSlots, type LimitsConfig } from '../auth/limits.ts';
 import { pinoHttp } from 'pino-http';
 import swaggerUi from 'swagger-ui-express';
 import { AppError } from '../errors.ts';
 import type { JobEventHub } from '../jobs/job.events.ts';
+import { findJobOwner } from '../jobs/job.repository.ts';
 import { cancelJob, getJobStatus, listJobs, submitJob, type GenerateRequest, type JobServiceDeps, type ListQuery } from '../jobs/job.service.ts';
 import type { Logger } from '../logger.ts';
 import type { MediaStorage } from '../media/storage.ts';
@@ -15,9 +18,12 @@ import { getWebhookSecret } from '../webhooks/webhook.service.ts';
 import { spec, specPath, specText } from './contract.ts';
 import { corsPolicy } from './cors.ts';
 import { streamJobEvents } from './job-events.stream.ts';
+import { createQueuePositions } from './queue-positions.ts';
 import { errorHandler, notFoundHandler, RETRY_AFTER_SECONDS, sendProblem } from './problem.ts';
 
-export interface AppDeps extends JobServiceDeps {
+export interface AppDeps extends Omit<JobServiceDeps, 'maxQueuedJobs'> {
+  /** Keys and per-key limits (README "Security"). */
+  security: AuthConfig & LimitsConfig;
   storage: MediaStorage;
   logger: Logger;
   events: JobEventHub;
@@ -38,6 +44,9 @@ export interface App {
 export function createApp(deps: AppDeps): App {
   const app = express();
   const streams = new Set<Response>();
+  const jobDeps: JobServiceDeps = { ...deps, maxQueuedJobs: deps.security.KEY_MAX_QUEUED_JOBS };
+  const positions = createQueuePositions(deps.db, deps.events, deps.logger);
+  const streamSlots = createStreamSlots(deps.security.KEY_MAX_EVENT_STREAMS);
   app.disable('x-powered-by');
   app.set('query parser', 'simple');
   app.use(corsPolicy(deps.corsOrigins));
@@ -61,6 +70,9 @@ export function createApp(deps: AppDeps): App {
   });
   app.use('/docs', swaggerUi.serve, swaggerUi.setup(spec, { customSiteTitle: 'Media generation API' }));
 
+  // Who is calling, before anything reads the body; the contract says which routes need a key.
+  app.use(createAuthenticator({ db: deps.db, config: deps.security, spec }));
+  app.use(createRateLimiter(deps.db, deps.security));
   app.use(express.json({ limit: deps.maxBodyBytes, strict: true, type: 'application/json' }));
   app.use(
     OpenApiValidator.middleware({
@@ -69,11 +81,12 @@ export function createApp(deps: AppDeps): App {
       validateResponses: deps.validateResponses ?? false,
       ignorePaths: /^\/docs(\/|$)/,
       validateFormats: true,
+      validateSecurity: false, // the authenticator (src/auth) enforces the contract's security
     }),
   );
 
   app.post('/generate', async (req, res) => {
-    const { job, created } = await submitJob(deps, req.body as GenerateRequest, req.header('idempotency-key'));
+    const { job, created } = await submitJob(jobDeps, requirePrincipal(res), req.body as GenerateRequest, req.header('idempotency-key'));
     res
       .status(created ? 202 : 200)
       .location(`/status/${job.id}`)
@@ -81,30 +94,45 @@ export function createApp(deps: AppDeps): App {
   });
 
   app.get('/status/:job_id', async (req, res) => {
-    res.json(await getJobStatus(deps.db, req.params.job_id));
+    res.json(await getJobStatus(deps.db, requirePrincipal(res), req.params.job_id));
   });
 
   app.get('/jobs', async (req, res) => {
-    res.json(await listJobs(deps.db, req.query as ListQuery));
+    res.json(await listJobs(deps.db, requirePrincipal(res), req.query as ListQuery));
   });
 
   app.get('/jobs/:job_id', async (req, res) => {
-    res.json(await getJobStatus(deps.db, req.params.job_id));
+    res.json(await getJobStatus(deps.db, requirePrincipal(res), req.params.job_id));
   });
 
   app.post('/jobs/:job_id/cancel', async (req, res) => {
-    res.json(await cancelJob(deps, req.params.job_id));
+    res.json(await cancelJob(jobDeps, requirePrincipal(res), req.params.job_id));
   });
 
   app.get('/jobs/:job_id/events', async (req, res) => {
-    await streamJobEvents({ db: deps.db, events: deps.events, streams }, req, res);
+    const principal = requirePrincipal(res);
+    const release = streamSlots.acquire(principal);
+    res.on('close', release);
+    try {
+      await streamJobEvents({ db: deps.db, events: deps.events, positions, streams }, principal, req, res);
+    } catch (err) {
+      release();
+      throw err;
+    }
   });
 
   app.get('/webhooks/secret', async (_req, res) => {
-    res.json({ key: await getWebhookSecret(deps.db, deps.webhookConfig.WEBHOOK_SECRET) });
+    res.json({ key: await getWebhookSecret(deps.db, requirePrincipal(res).keyId, deps.webhookConfig.WEBHOOK_SECRET) });
   });
 
-  app.get('/media/:file', (req, res, next) => {
+  // Media URLs are capabilities (unguessable names; <img> cannot send a key): served to whoever holds
+  // one, privately cacheable. A request that does carry a key gets only that key's files (404 otherwise).
+  app.get('/media/:file', async (req, res, next) => {
+    const principal = principalOf(res);
+    if (principal && !principal.local && !principal.operator) {
+      const jobId = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/.exec(req.params.file)?.[0];
+      if (!jobId || (await findJobOwner(deps.db, jobId)) !== principal.keyId) return next(new AppError('not_found', `no media file ${req.params.file}`));
+    }
     res.sendFile(req.params.file, { root: deps.storage.dir, dotfiles: 'deny', maxAge: '365d', immutable: true, etag: true, lastModified: true }, (err) => {
       if (!err) return;
       if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as { status?: number }).status === 404) {
@@ -115,6 +143,8 @@ export function createApp(deps: AppDeps): App {
   });
 
   app.get('/metrics', async (_req, res) => {
+    const principal = requirePrincipal(res);
+    if (!principal.operator && !principal.local) throw new AppError('forbidden', 'metrics are for operator keys (or the metrics port of a worker)');
     res.type(deps.metrics.registry.contentType).send(await deps.metrics.registry.metrics());
   });
 
@@ -137,6 +167,7 @@ export function createApp(deps: AppDeps): App {
   return {
     express: app,
     closeStreams: () => {
+      positions.close();
       for (const res of streams) res.end();
       streams.clear();
     },

@@ -1,30 +1,32 @@
 // GET /jobs/{id}/events: Server-Sent Events driven by the job_events table and its NOTIFY channel.
 // Each stream replays what the client missed (Last-Event-ID) from the table, then follows
-// notifications; queue positions are recomputed when any job changes, at most a few times a second.
+// notifications; queue positions come from QueuePositions, computed once for all watchers of a job.
 import type { Request, Response } from 'express';
+import type { Principal } from '../auth/principal.ts';
 import type { Database } from '../db/database.ts';
 import type { JobEventHub } from '../jobs/job.events.ts';
-import { findJob, listJobEvents, queuePosition } from '../jobs/job.repository.ts';
+import { findJob, listJobEvents } from '../jobs/job.repository.ts';
 import { getJob } from '../jobs/job.service.ts';
 import { toStatusView } from '../jobs/job.view.ts';
 import type { components } from './api-types.ts';
+import type { QueuePositions } from './queue-positions.ts';
 
 type JobEvent = components['schemas']['JobEvent'];
 
 const TERMINAL = new Set(['completed', 'failed', 'canceled']);
 const KEEPALIVE_MS = 15_000;
-const POSITION_DEBOUNCE_MS = 200;
 
 export interface StreamDeps {
   db: Database;
   events: JobEventHub;
+  positions: QueuePositions;
   /** Open streams, so shutdown can end them instead of waiting for clients to leave. */
   streams: Set<Response>;
 }
 
-export async function streamJobEvents(deps: StreamDeps, req: Request, res: Response): Promise<void> {
+export async function streamJobEvents(deps: StreamDeps, principal: Principal, req: Request, res: Response): Promise<void> {
   const jobId = req.params.job_id as string;
-  const job = await getJob(deps.db, jobId); // 404 as problem+json before the stream starts
+  const job = await getJob(deps.db, principal, jobId); // 404 as problem+json before the stream starts
   let sentSeq = Number(req.header('last-event-id') ?? 0);
   // An id ahead of the job's history (stale or made up) means "I have everything so far": resume from
   // the job's latest event, or the catch-up below would never see the events still to come.
@@ -32,6 +34,7 @@ export async function streamJobEvents(deps: StreamDeps, req: Request, res: Respo
     sentSeq = (await listJobEvents(deps.db, jobId, 0)).at(-1)?.seq ?? 0;
   }
   let lastPosition: number | undefined;
+  let position: number | undefined;
   let status = job.status;
   let ended = false;
 
@@ -85,8 +88,6 @@ export async function streamJobEvents(deps: StreamDeps, req: Request, res: Respo
     }
     if (TERMINAL.has(status)) return end(); // the client already had the terminal event
     if (status === 'queued') {
-      const row = await findJob(deps.db, jobId);
-      const position = row ? await queuePosition(deps.db, row) : undefined;
       if (position !== undefined && position !== lastPosition) {
         lastPosition = position;
         send('position', sentSeq, { job_id: jobId, seq: sentSeq, status: 'queued', at: new Date().toISOString(), queue_position: position });
@@ -94,14 +95,10 @@ export async function streamJobEvents(deps: StreamDeps, req: Request, res: Respo
     }
   };
 
-  let positionTimer: NodeJS.Timeout | undefined;
   const offJob = deps.events.onJob(jobId, () => void pump());
-  const offAny = deps.events.onAny((n) => {
-    if (status !== 'queued' || n.job_id === jobId || positionTimer) return;
-    positionTimer = setTimeout(() => {
-      positionTimer = undefined;
-      void pump();
-    }, POSITION_DEBOUNCE_MS);
+  const offPosition = deps.positions.watch(jobId, (p) => {
+    position = p;
+    if (status === 'queued') void pump();
   });
   const offResync = deps.events.onResync(() => void pump());
   const keepalive = setInterval(() => res.write(': keepalive\n\n'), KEEPALIVE_MS);
@@ -110,10 +107,9 @@ export async function streamJobEvents(deps: StreamDeps, req: Request, res: Respo
     if (ended) return;
     ended = true;
     offJob();
-    offAny();
+    offPosition();
     offResync();
     clearInterval(keepalive);
-    clearTimeout(positionTimer);
     deps.streams.delete(res);
     res.end();
   }

@@ -23,6 +23,8 @@ export interface ProblemInput extends Partial<Problem> {
 
 const titles: Record<number, string> = {
   400: 'Bad Request',
+  401: 'Unauthorized',
+  403: 'Forbidden',
   404: 'Not Found',
   405: 'Method Not Allowed',
   406: 'Not Acceptable',
@@ -32,6 +34,7 @@ const titles: Record<number, string> = {
   415: 'Unsupported Media Type',
   417: 'Expectation Failed',
   422: 'Unprocessable Content',
+  429: 'Too Many Requests',
   431: 'Request Header Fields Too Large',
   500: 'Internal Server Error',
   503: 'Service Unavailable',
@@ -93,7 +96,7 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
     return;
   }
   if (err instanceof AppError) {
-    if (err.status === 503) res.set('Retry-After', String(RETRY_AFTER_SECONDS));
+    if (err.status === 503 || err.retryAfterSeconds !== undefined) res.set('Retry-After', String(err.retryAfterSeconds ?? RETRY_AFTER_SECONDS));
     return sendProblem(res, { extensions: err.extensions, status: err.status, detail: err.message, errors: err.errors, type: `urn:problem:${err.code}` });
   }
   if (isDatabaseUnavailable(err)) {

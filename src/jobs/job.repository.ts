@@ -14,6 +14,8 @@ const ACTIVE: JobState[] = ['queued', 'processing'];
 
 export interface NewJob {
   id: string;
+  /** The api_keys row the job belongs to. */
+  ownerId: string;
   prompt: string;
   parameters: ResolvedParameters;
   provider: string;
@@ -30,6 +32,7 @@ export async function insertJob(trx: Tx, job: NewJob): Promise<JobRow | undefine
     .insertInto('jobs')
     .values({
       id: job.id,
+      owner_id: job.ownerId,
       prompt: job.prompt,
       parameters: JSON.stringify(job.parameters),
       provider: job.provider,
@@ -39,7 +42,7 @@ export async function insertJob(trx: Tx, job: NewJob): Promise<JobRow | undefine
       idempotency_key: job.idempotencyKey ?? null,
       request_hash: job.requestHash ?? null,
     })
-    .onConflict((oc) => oc.column('idempotency_key').where('idempotency_key', 'is not', null).doNothing())
+    .onConflict((oc) => oc.columns(['owner_id', 'idempotency_key']).where('idempotency_key', 'is not', null).doNothing())
     .returningAll()
     .executeTakeFirst();
 }
@@ -48,8 +51,41 @@ export async function findJob(db: Database | Tx, id: string): Promise<JobRow | u
   return db.selectFrom('jobs').selectAll().where('id', '=', id).executeTakeFirst();
 }
 
-export async function findJobByIdempotencyKey(db: Database | Tx, key: string): Promise<JobRow | undefined> {
-  return db.selectFrom('jobs').selectAll().where('idempotency_key', '=', key).executeTakeFirst();
+/** Whose jobs a query may see: one owner's, or (an operator) everyone's. */
+export interface Scope {
+  ownerId: string;
+  all: boolean;
+}
+
+/** The job, if it exists and `scope` may see it (another owner's job is as absent as an unknown one). */
+export async function findScopedJob(db: Database | Tx, id: string, scope: Scope): Promise<JobRow | undefined> {
+  let q = db.selectFrom('jobs').selectAll().where('id', '=', id);
+  if (!scope.all) q = q.where('owner_id', '=', scope.ownerId);
+  return q.executeTakeFirst();
+}
+
+/** Whose job this is (the media route checks a caller's key against it). */
+export async function findJobOwner(db: Database, id: string): Promise<string | undefined> {
+  return (await db.selectFrom('jobs').select('owner_id').where('id', '=', id).executeTakeFirst())?.owner_id;
+}
+
+export async function findJobByIdempotencyKey(db: Database | Tx, ownerId: string, key: string): Promise<JobRow | undefined> {
+  return db.selectFrom('jobs').selectAll().where('owner_id', '=', ownerId).where('idempotency_key', '=', key).executeTakeFirst();
+}
+
+/**
+ * How many of an owner's jobs wait in the queue, counted under a per-owner lock held until the
+ * transaction ends, so concurrent submissions (on any API process) cannot overshoot a cap together.
+ */
+export async function lockAndCountQueued(trx: Tx, ownerId: string): Promise<number> {
+  await sql`select pg_advisory_xact_lock(hashtextextended(${ownerId}::text, 7331))`.execute(trx);
+  const { n } = await trx
+    .selectFrom('jobs')
+    .select((eb) => eb.fn.countAll<number>().as('n'))
+    .where('owner_id', '=', ownerId)
+    .where('status', '=', 'queued')
+    .executeTakeFirstOrThrow();
+  return Number(n);
 }
 
 export async function listAttempts(db: Database, jobId: string): Promise<AttemptRow[]> {
@@ -253,15 +289,15 @@ export async function failAbandonedJob(trx: Tx, jobId: string, reason: string): 
   return job;
 }
 
-/** Cancels a queued or processing job; returns the row, or undefined when it had already finished. */
-export async function cancelJob(trx: Tx, jobId: string): Promise<JobRow | undefined> {
-  return trx
+/** Cancels a queued or processing job; returns the row, or undefined when it had already finished (or `scope` may not see it). */
+export async function cancelJob(trx: Tx, jobId: string, scope?: Scope): Promise<JobRow | undefined> {
+  let q = trx
     .updateTable('jobs')
     .set({ status: 'canceled', progress: null, finished_at: sql`now()`, updated_at: sql`now()`, error: null })
     .where('id', '=', jobId)
-    .where('status', 'in', ACTIVE)
-    .returningAll()
-    .executeTakeFirst();
+    .where('status', 'in', ACTIVE);
+  if (scope && !scope.all) q = q.where('owner_id', '=', scope.ownerId);
+  return q.returningAll().executeTakeFirst();
 }
 
 /** Records a provider's progress on the attempt that owns the job; returns the row when it changed. */
@@ -294,6 +330,8 @@ export async function queuePosition(db: Database, job: Pick<JobRow, 'id' | 'stat
 }
 
 export interface JobFilter {
+  /** Only this owner's jobs (unset: everyone's, for operators). */
+  ownerId?: string;
   statuses?: JobState[];
   createdAfter?: Date;
   createdBefore?: Date;
@@ -305,6 +343,7 @@ export interface JobFilter {
 /** Jobs newest first (created_at, then id, descending), filtered; keyset pagination. */
 export async function listJobs(db: Database, filter: JobFilter): Promise<JobRow[]> {
   let q = db.selectFrom('jobs').selectAll();
+  if (filter.ownerId) q = q.where('owner_id', '=', filter.ownerId);
   if (filter.statuses?.length) q = q.where('status', 'in', filter.statuses);
   if (filter.createdAfter) q = q.where('created_at', '>', filter.createdAfter);
   if (filter.createdBefore) q = q.where('created_at', '<', filter.createdBefore);

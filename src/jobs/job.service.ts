@@ -1,6 +1,8 @@
 // Job use cases: submit (row + queue entry in one transaction), read, list, cancel.
 import { createHash, randomUUID } from 'node:crypto';
 import { fromKysely, type PgBoss } from 'pg-boss';
+import { isLimited } from '../auth/limits.ts';
+import type { Principal } from '../auth/principal.ts';
 import type { Database } from '../db/database.ts';
 import { AppError } from '../errors.ts';
 import type { components } from '../http/api-types.ts';
@@ -22,6 +24,13 @@ export interface JobServiceDeps {
   webhookConfig: WebhookConfig;
   /** Name of the provider new jobs will run on. */
   provider: string;
+  /** Queued jobs one key may have at once (0: no cap). */
+  maxQueuedJobs: number;
+}
+
+/** Whose jobs a principal sees: its own, or (an operator) everyone's. */
+function scopeOf(principal: Principal): jobs.Scope {
+  return { ownerId: principal.keyId, all: principal.operator };
 }
 
 export interface Submission {
@@ -30,12 +39,18 @@ export interface Submission {
   created: boolean;
 }
 
-export async function submitJob(deps: JobServiceDeps, request: GenerateRequest, idempotencyKey?: string): Promise<Submission> {
+export async function submitJob(deps: JobServiceDeps, principal: Principal, request: GenerateRequest, idempotencyKey?: string): Promise<Submission> {
   checkPrompt(request.prompt);
   const parameters = resolveParameters(request.parameters as GenerationParameters | string | undefined);
   const priority = request.priority ?? 0;
+  if (priority > principal.maxPriority) {
+    throw new AppError('validation_failed', `priority ${priority} is above this key's maximum of ${principal.maxPriority}`, [
+      { path: '/body/priority', message: `must be at most ${principal.maxPriority} for this key` },
+    ]);
+  }
   const newJob: jobs.NewJob = {
     id: randomUUID(),
+    ownerId: principal.keyId,
     prompt: request.prompt,
     parameters,
     provider: deps.provider,
@@ -46,7 +61,15 @@ export async function submitJob(deps: JobServiceDeps, request: GenerateRequest, 
   };
   if (idempotencyKey) newJob.requestHash = hashRequest(newJob);
 
+  const capped = deps.maxQueuedJobs > 0 && isLimited(principal);
   const job = await deps.db.transaction().execute(async (trx) => {
+    if (capped && (await jobs.lockAndCountQueued(trx, principal.keyId)) >= deps.maxQueuedJobs) {
+      // A repeat of an accepted submission still gets its job; anything else waits for the queue to drain.
+      if (idempotencyKey && (await jobs.findJobByIdempotencyKey(trx, principal.keyId, idempotencyKey))) return undefined;
+      const full = new AppError('rate_limited', `this key already has ${deps.maxQueuedJobs} jobs queued; submit more once some have started`);
+      full.retryAfterSeconds = QUEUE_FULL_RETRY_AFTER_SECONDS;
+      throw full;
+    }
     const row = await jobs.insertJob(trx, newJob);
     if (row) await enqueueGenerate(deps.boss, trx, row.id, deps.queueConfig, priority);
     return row;
@@ -54,7 +77,7 @@ export async function submitJob(deps: JobServiceDeps, request: GenerateRequest, 
   if (job) return { job, created: true };
 
   // The key is taken: by this very request (a retry) or by a different one (a client bug).
-  const existing = idempotencyKey ? await jobs.findJobByIdempotencyKey(deps.db, idempotencyKey) : undefined;
+  const existing = idempotencyKey ? await jobs.findJobByIdempotencyKey(deps.db, principal.keyId, idempotencyKey) : undefined;
   if (!existing) throw new Error('idempotent insert conflicted but no job holds the key');
   if (existing.request_hash !== newJob.requestHash) {
     throw new AppError('idempotency_conflict', 'this Idempotency-Key was used with a different request body', [
@@ -64,6 +87,8 @@ export async function submitJob(deps: JobServiceDeps, request: GenerateRequest, 
   return { job: existing, created: false };
 }
 
+const QUEUE_FULL_RETRY_AFTER_SECONDS = 5;
+
 /** Same request, same hash, whichever form `parameters` came in (defaults applied, keys sorted). */
 function hashRequest(job: jobs.NewJob): string {
   const sorted = (o: object) => Object.entries(o).sort(([a], [b]) => a.localeCompare(b));
@@ -71,15 +96,16 @@ function hashRequest(job: jobs.NewJob): string {
   return createHash('sha256').update(canonical).digest('hex');
 }
 
-export async function getJob(db: Database, id: string): Promise<JobRow> {
-  const job = await jobs.findJob(db, id);
+/** The job, if `principal` may see it; another key's job is a 404 like an unknown one. */
+export async function getJob(db: Database, principal: Principal, id: string): Promise<JobRow> {
+  const job = await jobs.findScopedJob(db, id, scopeOf(principal));
   if (!job) throw new AppError('not_found', `no job with id ${id}`);
   return job;
 }
 
 /** The job as `/status` shows it, with its live queue position while queued. */
-export async function getJobStatus(db: Database, id: string): Promise<JobStatusView> {
-  const job = await getJob(db, id);
+export async function getJobStatus(db: Database, principal: Principal, id: string): Promise<JobStatusView> {
+  const job = await getJob(db, principal, id);
   return toStatusView(job, { queuePosition: await jobs.queuePosition(db, job) });
 }
 
@@ -91,9 +117,10 @@ export interface ListQuery {
   cursor?: string;
 }
 
-export async function listJobs(db: Database, query: ListQuery): Promise<JobList> {
+export async function listJobs(db: Database, principal: Principal, query: ListQuery): Promise<JobList> {
   const limit = query.limit ?? 20;
   const rows = await jobs.listJobs(db, {
+    ownerId: principal.operator ? undefined : principal.keyId,
     statuses: query.status,
     createdAfter: query.created_after ? new Date(query.created_after) : undefined,
     createdBefore: query.created_before ? new Date(query.created_before) : undefined,
@@ -129,15 +156,15 @@ function decodeCursor(cursor: string): { createdAt: Date; id: string } {
  * running one is marked canceled and its worker, told through the job_events notification, aborts it
  * and cancels the provider's prediction. A finished job is left unchanged: AppError('job_finished').
  */
-export async function cancelJob(deps: JobServiceDeps, id: string): Promise<JobStatusView> {
+export async function cancelJob(deps: JobServiceDeps, principal: Principal, id: string): Promise<JobStatusView> {
   const canceled = await deps.db.transaction().execute(async (trx) => {
-    const row = await jobs.cancelJob(trx, id);
+    const row = await jobs.cancelJob(trx, id, scopeOf(principal));
     if (!row) return undefined;
     await deps.boss.cancel(GENERATE, id, { db: fromKysely(trx) });
     await enqueueWebhook(deps.boss, trx, row, 'completed', deps.webhookConfig);
     return row;
   });
   if (canceled) return toStatusView(canceled);
-  const job = await getJob(deps.db, id);
+  const job = await getJob(deps.db, principal, id);
   throw new AppError('job_finished', `the job is already ${job.status}; it was left unchanged`, undefined, { job: toStatusView(job) });
 }

@@ -2,10 +2,12 @@
 // a worker POSTs the payload signed the way Replicate signs (Standard Webhooks: `webhook-id`,
 // `webhook-timestamp`, `webhook-signature` = v1,base64(HMAC-SHA256(key, `${id}.${timestamp}.${body}`))),
 // retried with backoff by the queue, every try recorded on the row.
-import { createHmac, randomBytes, randomUUID } from 'node:crypto';
+import { createHmac, randomUUID } from 'node:crypto';
 import got from 'got';
 import { sql } from 'kysely';
 import { fromKysely, type PgBoss } from 'pg-boss';
+import { getKeyWebhookSecret } from '../auth/api-key.repository.ts';
+import { LOCAL_PRINCIPAL_ID } from '../auth/principal.ts';
 import type { Database, Tx } from '../db/database.ts';
 import type { JobRow } from '../jobs/job.repository.ts';
 import { toStatusView } from '../jobs/job.view.ts';
@@ -39,13 +41,13 @@ export async function enqueueWebhook(boss: PgBoss, trx: Tx, job: JobRow, event: 
   });
 }
 
-/** The configured secret, or one generated on first use and kept in the database for every process. */
-export async function getWebhookSecret(db: Database, configured?: string): Promise<string> {
-  if (configured) return configured;
-  const generated = `whsec_${randomBytes(32).toString('base64')}`;
-  await db.insertInto('settings').values({ name: 'webhook_secret', value: generated }).onConflict((oc) => oc.column('name').doNothing()).execute();
-  const row = await db.selectFrom('settings').select('value').where('name', '=', 'webhook_secret').executeTakeFirstOrThrow();
-  return row.value;
+/**
+ * The secret a key's deliveries are signed with: its own, kept in the database for every process
+ * (WEBHOOK_SECRET, when set, is the anonymous local principal's).
+ */
+export async function getWebhookSecret(db: Database, ownerId: string, configuredLocal?: string): Promise<string> {
+  if (configuredLocal && ownerId === LOCAL_PRINCIPAL_ID) return configuredLocal;
+  return getKeyWebhookSecret(db, ownerId);
 }
 
 /** `v1,<base64 signature>` of a delivery, as Standard Webhooks (and Replicate) define it. */
@@ -69,7 +71,8 @@ export interface DeliveryDeps {
 export async function deliverWebhook(deps: DeliveryDeps, deliveryId: string, lastTry: boolean): Promise<void> {
   const delivery = await deps.db.selectFrom('webhook_deliveries').selectAll().where('id', '=', deliveryId).executeTakeFirst();
   if (!delivery || delivery.status !== 'pending') return;
-  const secret = await getWebhookSecret(deps.db, deps.config.WEBHOOK_SECRET);
+  const { owner_id } = await deps.db.selectFrom('jobs').select('owner_id').where('id', '=', delivery.job_id).executeTakeFirstOrThrow();
+  const secret = await getWebhookSecret(deps.db, owner_id, deps.config.WEBHOOK_SECRET);
   const body = JSON.stringify(delivery.payload);
   const timestamp = Math.floor(Date.now() / 1000);
   const started = performance.now();

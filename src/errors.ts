@@ -61,6 +61,15 @@ export function isDatabaseUnavailable(err: unknown): boolean {
 }
 
 /**
+ * Database errors a retry can cure: the database unreachable, or a transaction Postgres aborted to
+ * resolve a conflict (serialization failure, deadlock, lock or statement timeout).
+ */
+export function isTransientDatabaseError(err: unknown): boolean {
+  const code = (err as { code?: string } | undefined)?.code;
+  return isDatabaseUnavailable(err) || code === '40001' || code === '40P01' || code === '55P03' || code === '57014';
+}
+
+/**
  * Postgres refusing text it cannot store (NUL, invalid UTF-8): the request's data is at fault, not the
  * service, so the HTTP layer answers 400 instead of 500.
  */

@@ -6,13 +6,13 @@ import type { Config } from './config.ts';
 import { createDatabase, createPool, type Database } from './db/database.ts';
 import { migrate } from './db/migrate.ts';
 import { createJobEventHub } from './jobs/job.events.ts';
-import { startWorker } from './jobs/job.worker.ts';
 import { redactUrl, type Logger } from './logger.ts';
 import { createLocalStorage } from './media/storage.ts';
 import { createMetrics, registerDatabaseGauges, type Metrics } from './metrics.ts';
 import { createProvider } from './providers/index.ts';
 import type { ImageProvider } from './providers/provider.ts';
 import { createBoss, ensureQueues } from './queue/queue.ts';
+import { startWorker, type Worker } from './worker/worker.ts';
 
 export interface ServiceOptions {
   config: Config;
@@ -30,6 +30,8 @@ export interface Service {
   boss: PgBoss;
   provider: ImageProvider;
   metrics: Metrics;
+  /** The worker, when this process runs one. */
+  worker?: Worker;
   /** The port the API listens on (0 when the API is not running). */
   port: number;
   server?: Server;
@@ -66,12 +68,8 @@ export async function startService(options: ServiceOptions): Promise<Service> {
 
     const boss = createBoss(databaseUrl, config.DATABASE_POOL_MAX, config, logger);
     await boss.start();
-    // Stopping pg-boss stops fetching, waits up to the grace period for running jobs, then fails what
-    // is left so another worker retries it.
-    releasers.push(async () => {
-      if (options.worker) logger.info({ graceSeconds: config.SHUTDOWN_GRACE_SECONDS }, 'worker draining');
-      await boss.stop({ graceful: true, timeout: Math.max(1, config.SHUTDOWN_GRACE_SECONDS) * 1000 });
-    });
+    // The worker drains first (see below); by then pg-boss has nothing running to wait for.
+    releasers.push(() => boss.stop({ graceful: false }));
     await ensureQueues(boss, config);
 
     const metrics = createMetrics();
@@ -79,9 +77,11 @@ export async function startService(options: ServiceOptions): Promise<Service> {
     const provider = options.provider ?? createProvider(config, logger);
     const storage = await createLocalStorage(config.MEDIA_DIR);
 
+    let worker: Worker | undefined;
     if (options.worker) {
-      const stopListening = await startWorker({ db, boss, provider, storage, config, logger, events, metrics });
-      releasers.push(async () => stopListening());
+      const started = await startWorker({ db, boss, provider, storage, config, logger, events, metrics });
+      releasers.push(() => started.stop());
+      worker = started;
     }
 
     let server: Server | undefined;
@@ -125,7 +125,7 @@ export async function startService(options: ServiceOptions): Promise<Service> {
       logger.info({ port: (metricsServer.address() as AddressInfo).port }, 'worker metrics listening');
     }
 
-    return { db, boss, provider, metrics, server, port: server ? (server.address() as AddressInfo).port : 0, stop };
+    return { db, boss, provider, metrics, worker, server, port: server ? (server.address() as AddressInfo).port : 0, stop };
   } catch (err) {
     await stop();
     throw err;

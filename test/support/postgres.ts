@@ -46,7 +46,10 @@ export const TEST_DB_PREFIX = 'media_test_db_';
 /** Drops the template and the test databases: on TEST_DATABASE_URL's server nothing of ours is left. */
 export async function dropTestDatabases(adminUrl: string): Promise<void> {
   await withClient(adminUrl, async (c) => {
-    const { rows } = await c.query<{ datname: string }>('select datname from pg_database where datname like $1 or datname = $2', [`${TEST_DB_PREFIX}%`, TEMPLATE_DB]);
+    const { rows } = await c.query<{ datname: string }>('select datname from pg_database where datname like $1 or datname = $2', [
+      `${TEST_DB_PREFIX}%`,
+      TEMPLATE_DB,
+    ]);
     for (const { datname } of rows) await c.query(`DROP DATABASE IF EXISTS "${datname}" WITH (FORCE)`);
   });
 }
@@ -55,7 +58,13 @@ export async function startTestPostgres(options: TestPostgresOptions = {}): Prom
   const env = options.env ?? process.env;
   if (env.TEST_DATABASE_URL) {
     const url = new URL(env.TEST_DATABASE_URL);
-    return { adminUrl: env.TEST_DATABASE_URL, kind: 'url', description: `TEST_DATABASE_URL at ${url.host}`, hosts: guardHosts([url.hostname]), stop: async () => {} };
+    return {
+      adminUrl: env.TEST_DATABASE_URL,
+      kind: 'url',
+      description: `TEST_DATABASE_URL at ${url.host}`,
+      hosts: guardHosts([url.hostname]),
+      stop: async () => {},
+    };
   }
   let refused: string;
   try {
@@ -65,7 +74,7 @@ export async function startTestPostgres(options: TestPostgresOptions = {}): Prom
       kind: 'testcontainers',
       description: `Testcontainers ${CONTAINER_IMAGE} at ${c.host}:${c.port}`,
       hosts: guardHosts([c.host, c.runtimeHost]),
-      stop: c.stop,
+      stop: () => c.stop(),
     };
   } catch (err) {
     refused = containerRefusal(err, env);
@@ -120,7 +129,11 @@ export function containerRefusal(err: unknown, env: NodeJS.ProcessEnv = process.
   if (message.includes('Could not find a working container runtime strategy')) {
     return `no container runtime answered at ${env.DOCKER_HOST ?? 'unix:///var/run/docker.sock'}`;
   }
-  const line = message.split('\n').map((l) => l.trim()).find(Boolean) ?? 'failed without a message';
+  const line =
+    message
+      .split('\n')
+      .map((l) => l.trim())
+      .find(Boolean) ?? 'failed without a message';
   return `${CONTAINER_IMAGE} did not start: ${line}`;
 }
 

@@ -74,19 +74,15 @@ export async function findJobByIdempotencyKey(db: Database | Tx, ownerId: string
 }
 
 /**
- * How many of an owner's jobs wait in the queue, counted under a per-owner lock held until the
- * transaction ends, so concurrent submissions (on any API process) cannot overshoot a cap together.
+ * Caps the owner's queued jobs for the jobs this transaction inserts: checked at COMMIT (see the
+ * queued-cap migration), which then fails with QUEUED_CAP_EXCEEDED and rolls everything back.
  */
-export async function lockAndCountQueued(trx: Tx, ownerId: string): Promise<number> {
-  await sql`select pg_advisory_xact_lock(hashtextextended(${ownerId}::text, 7331))`.execute(trx);
-  const { n } = await trx
-    .selectFrom('jobs')
-    .select((eb) => eb.fn.countAll<number>().as('n'))
-    .where('owner_id', '=', ownerId)
-    .where('status', '=', 'queued')
-    .executeTakeFirstOrThrow();
-  return Number(n);
+export async function capQueuedJobs(trx: Tx, cap: number): Promise<void> {
+  await sql`select set_config('media.max_queued_jobs', ${String(cap)}, true)`.execute(trx);
 }
+
+/** The SQLSTATE of a commit refused by the queued-jobs cap. */
+export const QUEUED_CAP_EXCEEDED = 'MG429';
 
 export async function listAttempts(db: Database, jobId: string): Promise<AttemptRow[]> {
   return db.selectFrom('job_attempts').selectAll().where('job_id', '=', jobId).orderBy('number').execute();

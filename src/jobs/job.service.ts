@@ -62,18 +62,20 @@ export async function submitJob(deps: JobServiceDeps, principal: Principal, requ
   if (idempotencyKey) newJob.requestHash = hashRequest(newJob);
 
   const capped = deps.maxQueuedJobs > 0 && isLimited(principal);
-  const job = await deps.db.transaction().execute(async (trx) => {
-    if (capped && (await jobs.lockAndCountQueued(trx, principal.keyId)) >= deps.maxQueuedJobs) {
-      // A repeat of an accepted submission still gets its job; anything else waits for the queue to drain.
-      if (idempotencyKey && (await jobs.findJobByIdempotencyKey(trx, principal.keyId, idempotencyKey))) return undefined;
+  const job = await deps.db
+    .transaction()
+    .execute(async (trx) => {
+      if (capped) await jobs.capQueuedJobs(trx, deps.maxQueuedJobs);
+      const row = await jobs.insertJob(trx, newJob);
+      if (row) await enqueueGenerate(deps.boss, trx, row.id, deps.queueConfig, priority);
+      return row; // undefined: a repeat of an accepted submission, which gets its job, full queue or not
+    })
+    .catch((err: unknown) => {
+      if ((err as { code?: string }).code !== jobs.QUEUED_CAP_EXCEEDED) throw err;
       const full = new AppError('rate_limited', `this key already has ${deps.maxQueuedJobs} jobs queued; submit more once some have started`);
       full.retryAfterSeconds = QUEUE_FULL_RETRY_AFTER_SECONDS;
       throw full;
-    }
-    const row = await jobs.insertJob(trx, newJob);
-    if (row) await enqueueGenerate(deps.boss, trx, row.id, deps.queueConfig, priority);
-    return row;
-  });
+    });
   if (job) return { job, created: true };
 
   // The key is taken: by this very request (a retry) or by a different one (a client bug).

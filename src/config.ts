@@ -1,6 +1,7 @@
 // Parses and validates the environment (and `.env`) once into a frozen, typed Config.
 import { existsSync } from 'node:fs';
 import { z } from 'zod';
+import { parseCidr } from './net/outbound.ts';
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
 const seconds = (min: number, max: number) => z.coerce.number().min(min).max(max);
@@ -49,6 +50,15 @@ const schema = z.object({
   WEBHOOK_SECRET: z.string().regex(/^whsec_[A-Za-z0-9+/]+={0,2}$/, 'whsec_ followed by base64').optional(),
   WEBHOOK_RETRY_LIMIT: int(0, 50).default(8),
   WEBHOOK_TIMEOUT_MS: int(100, 120_000).default(10_000),
+  WEBHOOK_ALLOWED_CIDRS: list.pipe(z.array(z.string().transform((v, ctx) => {
+    try {
+      return parseCidr(v);
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: (err as Error).message });
+      return z.NEVER;
+    }
+  }))).optional(),
+  WEBHOOK_HOST_CONCURRENCY: int(1, 1000).default(4),
   WEBHOOK_CONCURRENCY: int(1, 1000).default(50),
   METRICS_PORT: int(0, 65535).optional(),
   // Origins whose web pages may call the API (CORS): unset = pages on this machine, `*` = any, or a list.

@@ -8,6 +8,7 @@ export type ErrorCode =
   | 'unavailable'
   | 'payload_too_large'
   | 'unsupported_media_type'
+  | 'unsafe_url'
   | 'unauthorized'
   | 'forbidden'
   | 'rate_limited';
@@ -20,6 +21,7 @@ const statusOf: Record<ErrorCode, number> = {
   unavailable: 503,
   payload_too_large: 413,
   unsupported_media_type: 415,
+  unsafe_url: 422,
   unauthorized: 401,
   forbidden: 403,
   rate_limited: 429,

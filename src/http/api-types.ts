@@ -263,6 +263,10 @@ export interface components {
             /**
              * @description Where to POST the job (the `/status` body) on the events in `webhook_events_filter`.
              *     Deliveries are signed like Replicate's (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
+             *     Must be http(s) without credentials, on a public address: a host that is, or resolves to, a
+             *     loopback, unspecified, private, CGNAT, link-local, multicast or IPv4-mapped address is a 422
+             *     (the operator may allow ranges for development). Each delivery checks the address it connects
+             *     to again, follows no redirects and reads at most 64 KiB of the answer.
              */
             webhook_url?: string;
             /** @description Which events to deliver (default `["completed"]`); `completed` covers every terminal status. */
@@ -377,7 +381,7 @@ export interface components {
             /**
              * @description The kind of problem, the same whichever layer found it: `urn:problem:validation_failed` (400),
              *     `urn:problem:not_found`, `urn:problem:job_finished` (409), `urn:problem:idempotency_conflict`
-             *     (422), `urn:problem:payload_too_large`, `urn:problem:unsupported_media_type`,
+             *     (422), `urn:problem:unsafe_url` (422: a `webhook_url` webhooks may not reach), `urn:problem:payload_too_large`, `urn:problem:unsupported_media_type`,
              *     `urn:problem:unavailable` (503), `urn:problem:internal` (500), and so on.
              */
             type: string;

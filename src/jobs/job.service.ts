@@ -7,7 +7,7 @@ import type { Database } from '../db/database.ts';
 import { AppError } from '../errors.ts';
 import type { components } from '../http/api-types.ts';
 import { enqueueGenerate, GENERATE, type QueueConfig } from '../queue/queue.ts';
-import { enqueueWebhook, type WebhookConfig } from '../webhooks/webhook.service.ts';
+import { checkWebhookUrl, enqueueWebhook, type WebhookConfig } from '../webhooks/webhook.service.ts';
 import * as jobs from './job.repository.ts';
 import type { JobRow, JobState } from './job.repository.ts';
 import { checkPrompt, resolveParameters, type GenerationParameters, type ResolvedParameters } from './parameters.ts';
@@ -42,6 +42,7 @@ export interface Submission {
 export async function submitJob(deps: JobServiceDeps, principal: Principal, request: GenerateRequest, idempotencyKey?: string): Promise<Submission> {
   checkPrompt(request.prompt);
   const parameters = resolveParameters(request.parameters as GenerationParameters | string | undefined);
+  if (request.webhook_url) await checkWebhookUrl(request.webhook_url, deps.webhookConfig);
   const priority = request.priority ?? 0;
   if (priority > principal.maxPriority) {
     throw new AppError('validation_failed', `priority ${priority} is above this key's maximum of ${principal.maxPriority}`, [

@@ -59,7 +59,7 @@ export interface ImageSpec {
  * What a bulk submit would do: per batch, one transaction inserting the job rows and their pg-boss jobs
  * (same id, same per-job policy as enqueueGenerate). Returns the ids.
  */
-export async function enqueueOurs(db: BenchDb, count: number, image: ImageSpec, batch = 500): Promise<string[]> {
+export async function enqueueOurs(db: BenchDb, count: number, image: ImageSpec, batch = 500, prompt = (n: number) => `bench image ${n}`): Promise<string[]> {
   const policy = generatePolicy(parseConfig({}));
   const parameters = JSON.stringify({ width: image.width, height: image.height, output_format: image.format, num_outputs: 1 });
   const ids: string[] = [];
@@ -69,7 +69,7 @@ export async function enqueueOurs(db: BenchDb, count: number, image: ImageSpec, 
       await c.query(
         `INSERT INTO jobs (id, owner_id, prompt, parameters, provider)
          SELECT id, $4, prompt, $3::jsonb, 'local' FROM unnest($1::uuid[], $2::text[]) AS t(id, prompt)`,
-        [chunk.map((j) => j.id), chunk.map((j) => `bench image ${j.n}`), parameters, LOCAL_PRINCIPAL_ID],
+        [chunk.map((j) => j.id), chunk.map((j) => prompt(j.n)), parameters, LOCAL_PRINCIPAL_ID],
       );
       const jobs: JobInsert[] = chunk.map((j) => ({ id: j.id, data: { jobId: j.id }, priority: 0, ...policy, deadLetter: GENERATE_DEAD }));
       await db.boss.insert(GENERATE, jobs, { db: adapter(c) });

@@ -1,5 +1,7 @@
-// `npm run bench [-- --quick] [--runs=N] [--only=submit,pickup,throughput,inflight,normalise]
-//                [--inflight=500] [--submit-server=durable|main (default: durable; main with --quick)]
+// `npm run bench [-- --quick] [--runs=N] [--only=submit,pickup,throughput,inflight,trickle,mixed,normalise]
+//                [--inflight=2000 (slots and jobs)] [--inflight-jobs=N] [--inflight-ms=20000]
+//                (the earlier scenario: --inflight=500 --inflight-jobs=2000 --inflight-ms=2000)
+//                [--submit-server=durable|main (default: durable; main with --quick)]
 //                [--service-env=K=V,...] [--log-level=info] [--keep]`
 // Starts its own Postgres (the tests' choice: TEST_DATABASE_URL, else Testcontainers, else embedded),
 // plus a second, durable embedded Postgres for the submit scenario; runs every scenario `runs` times,
@@ -16,7 +18,6 @@ import { freePort } from '../scripts/free-port.ts';
 import { benchDir, killAllChildrenNow, stopAllChildren, summarize, type Summary } from './common.ts';
 import {
   MemoryLog,
-  inflightScenario,
   normalizeScenario,
   pickupScenario,
   submitScenario,
@@ -25,8 +26,9 @@ import {
   type Measure,
   type Server,
 } from './scenarios.ts';
+import { inflightScenario, mixedScenario, trickleScenario } from './worker-scenarios.ts';
 
-const SCENARIOS = ['submit', 'pickup', 'throughput', 'inflight', 'normalise'] as const;
+const SCENARIOS = ['submit', 'pickup', 'throughput', 'inflight', 'trickle', 'mixed', 'normalise'] as const;
 type ScenarioName = (typeof SCENARIOS)[number];
 
 const { values: flags } = parseArgs({
@@ -34,7 +36,9 @@ const { values: flags } = parseArgs({
     quick: { type: 'boolean', default: false },
     runs: { type: 'string' },
     only: { type: 'string' },
-    inflight: { type: 'string', default: '500' },
+    inflight: { type: 'string' },
+    'inflight-jobs': { type: 'string' },
+    'inflight-ms': { type: 'string' },
     'log-level': { type: 'string', default: 'info' },
     keep: { type: 'boolean', default: false },
     'submit-server': { type: 'string' },
@@ -45,7 +49,7 @@ const { values: flags } = parseArgs({
 });
 
 if (flags.help) {
-  console.log(`npm run bench -- [--quick] [--runs=N] [--only=${SCENARIOS.join(',')}] [--inflight=500] [--submit-server=durable|main] [--service-env=K=V,...] [--log-level=info] [--keep]`);
+  console.log(`npm run bench -- [--quick] [--runs=N] [--only=${SCENARIOS.join(',')}] [--inflight=2000] [--inflight-jobs=N] [--inflight-ms=20000] [--submit-server=durable|main] [--service-env=K=V,...] [--log-level=info] [--keep]`);
   process.exit(0);
 }
 
@@ -55,7 +59,13 @@ const only = new Set<ScenarioName>(
   (flags.only ? flags.only.split(',').map((s) => s.trim().replace(/^normalize$/, 'normalise')) : SCENARIOS) as ScenarioName[],
 );
 for (const name of only) if (!SCENARIOS.includes(name)) throw new Error(`unknown scenario ${name}; known: ${SCENARIOS.join(', ')}`);
-const inflightLimit = Number(flags.inflight);
+// In flight: 2,000 jobs of 20 s in 2,000 slots (quick: 1,000 of 10 s).
+const inflightSlots = Number(flags.inflight ?? (quick ? 1_000 : 2_000));
+const inflight = {
+  slots: inflightSlots,
+  jobs: Number(flags['inflight-jobs'] ?? inflightSlots),
+  latencyMs: Number(flags['inflight-ms'] ?? (quick ? 10_000 : 20_000)),
+};
 
 const started = Date.now();
 const elapsed = () => `${((Date.now() - started) / 1000).toFixed(0)} s`;
@@ -252,7 +262,9 @@ try {
   await run('submit', () => submitScenario(ctx, memory));
   await run('pickup', () => pickupScenario(ctx, memory));
   await run('throughput', () => throughputScenario(ctx, memory));
-  await run('inflight', () => inflightScenario(ctx, memory, inflightLimit));
+  await run('inflight', () => inflightScenario(ctx, memory, inflight));
+  await run('trickle', () => trickleScenario(ctx));
+  await run('mixed', () => mixedScenario(ctx));
   await run('normalise', () => normalizeScenario(ctx));
   measures.push(...memory.measures());
 

@@ -1,7 +1,9 @@
 // Child process: the real service (API only or worker only) under test, started through startService
 // with configuration from the environment the bench gives it. The worker's provider is the offline
 // generator wrapped to time each generate() start and to count jobs in flight; the bench reads those
-// counters and this process's memory over IPC.
+// counters, the worker's busy slots and this process's memory over IPC. With BENCH_LATENCY_BY_PROMPT=1
+// a prompt containing `latency=<ms>ms` takes that long (mixed-latency scenarios); any other prompt takes
+// LOCAL_PROVIDER_LATENCY_MS.
 import { PgBoss } from 'pg-boss';
 import { parseConfig } from '../src/config.ts';
 import { createLogger } from '../src/logger.ts';
@@ -13,6 +15,7 @@ import { nowMs } from './common.ts';
 const send = (m: Record<string, unknown>) => process.send?.(m);
 const role = process.env.BENCH_ROLE === 'api' ? 'api' : 'worker';
 const reportStarts = process.env.BENCH_REPORT_STARTS === '1';
+const latencyByPrompt = process.env.BENCH_LATENCY_BY_PROMPT === '1';
 
 // In-flight accounting: current, maximum, and the time integral (for the time-weighted mean).
 const counters = { inflight: 0, maxInflight: 0, started: 0, finished: 0, area: 0, since: nowMs(), last: nowMs(), firstStart: 0, lastEnd: 0 };
@@ -24,18 +27,31 @@ function change(delta: number): void {
   if (counters.inflight > counters.maxInflight) counters.maxInflight = counters.inflight;
 }
 
-function measuredProvider(inner: ImageProvider): ImageProvider {
+/** Jobs in generate() now, by their latency (ms). */
+const inflightByLatency = new Map<number, number>();
+
+function measuredProvider(defaultLatencyMs: number): ImageProvider {
+  const providers = new Map<number, ImageProvider>();
+  const providerFor = (latencyMs: number) => {
+    let p = providers.get(latencyMs);
+    if (!p) providers.set(latencyMs, (p = createLocalProvider({ latencyMs })));
+    return p;
+  };
   return {
-    name: inner.name,
+    name: 'local',
     async generate(request, signal, hooks) {
       const t = nowMs();
       if (reportStarts) send({ type: 'start', jobId: request.jobId, t });
       if (counters.started === 0) counters.firstStart = t;
       counters.started++;
       change(+1);
+      const asked = latencyByPrompt ? /\blatency=(\d+)ms\b/.exec(request.prompt) : null;
+      const latencyMs = asked ? Number(asked[1]) : defaultLatencyMs;
+      inflightByLatency.set(latencyMs, (inflightByLatency.get(latencyMs) ?? 0) + 1);
       try {
-        return await inner.generate(request, signal, hooks);
+        return await providerFor(latencyMs).generate(request, signal, hooks);
       } finally {
+        inflightByLatency.set(latencyMs, inflightByLatency.get(latencyMs)! - 1);
         change(-1);
         counters.finished++;
         counters.lastEnd = nowMs();
@@ -44,21 +60,20 @@ function measuredProvider(inner: ImageProvider): ImageProvider {
   };
 }
 
-// "Handler start": the moment pg-boss hands a fetched batch of the generate queue to our handler.
-// Measured by wrapping the handler at registration (this process only; nothing in src changes).
+// "Handler start": the moment a fetch of the generate queue returns its jobs, which the slot loop hands
+// to its slots at once (src/worker/slots.ts). Measured by wrapping pg-boss's fetch (this process only;
+// nothing in src changes).
 if (reportStarts) {
-  const proto = PgBoss.prototype as unknown as { work: (...args: unknown[]) => Promise<string> };
-  const work = proto.work;
-  proto.work = function (this: PgBoss, ...args: unknown[]) {
-    const handler = args[args.length - 1];
-    if (args[0] === 'generate' && typeof handler === 'function') {
-      args[args.length - 1] = (jobs: { id: string; data?: { jobId?: string } }[]) => {
-        const t = nowMs();
-        for (const job of jobs) send({ type: 'handler', jobId: job.data?.jobId ?? job.id, t });
-        return handler(jobs);
-      };
+  type Fetched = { id: string; data?: { jobId?: string } }[];
+  const proto = PgBoss.prototype as unknown as { fetch: (name: string, ...rest: unknown[]) => Promise<Fetched> };
+  const fetchJobs = proto.fetch;
+  proto.fetch = async function (this: PgBoss, name: string, ...rest: unknown[]) {
+    const jobs = await fetchJobs.call(this, name, ...rest);
+    if (name === 'generate') {
+      const t = nowMs();
+      for (const job of jobs) send({ type: 'handler', jobId: job.data?.jobId ?? job.id, t });
     }
-    return work.apply(this, args);
+    return jobs;
   };
 }
 
@@ -98,6 +113,8 @@ process.on('message', (m: { cmd: string; id: number }) => {
         meanInflight: span > 0 ? counters.area / span : 0,
         firstStart: counters.firstStart,
         lastEnd: counters.lastEnd,
+        busySlots: service?.worker?.busySlots() ?? 0,
+        inflightByLatency: Object.fromEntries(inflightByLatency),
         memory: process.memoryUsage(),
       });
       break;
@@ -123,7 +140,7 @@ try {
     logger,
     api: role === 'api',
     worker: role === 'worker',
-    provider: role === 'worker' ? measuredProvider(createLocalProvider({ latencyMs: config.LOCAL_PROVIDER_LATENCY_MS })) : undefined,
+    provider: role === 'worker' ? measuredProvider(config.LOCAL_PROVIDER_LATENCY_MS) : undefined,
   });
   send({ type: 'ready', port: service.port, pid: process.pid });
 } catch (err) {

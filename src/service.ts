@@ -112,13 +112,20 @@ export async function startService(options: ServiceOptions): Promise<Service> {
       await listen(server, config.PORT, config.HOST);
       server.requestTimeout = 30_000;
       server.headersTimeout = 10_000;
-      releasers.push(closer(server, app.closeStreams));
+      releasers.push(closer(server, () => app.closeStreams()));
       logger.info({ port: (server.address() as AddressInfo).port, provider: provider.name }, 'API listening');
     } else if (config.METRICS_PORT !== undefined) {
       // A worker-only process serves its own metrics (its histograms live in this process).
-      const metricsServer = createServer(async (req, res) => {
+      const metricsServer = createServer((req, res) => {
         if (req.url !== '/metrics') return void res.writeHead(404).end();
-        res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(await metrics.registry.metrics());
+        // A scrape the database cannot answer (its gauges query it) is a 503, never a crash.
+        metrics.registry.metrics().then(
+          (text) => res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text),
+          (err: unknown) => {
+            logger.warn({ err }, 'metrics scrape failed');
+            res.writeHead(503, { 'content-type': 'text/plain' }).end('metrics unavailable: the database is not reachable\n');
+          },
+        );
       });
       await listen(metricsServer, config.METRICS_PORT, config.HOST);
       releasers.push(closer(metricsServer, () => {}));

@@ -5,7 +5,8 @@ import { listAttempts } from '../src/jobs/job.repository.ts';
 import { createCallLog, providerCalls, startWorkerProcess, type WorkerProcess } from './support/processes.ts';
 import { mediaPath } from './support/media-names.ts';
 import { withClient } from './support/postgres.ts';
-import { createTestDatabase, startTestService, submit, waitFor, waitForStatus, type TestService } from './support/harness.ts';
+import { freePort } from '../scripts/free-port.ts';
+import { adminUrl, createTestDatabase, startTestService, submit, waitFor, waitForStatus, type TestService } from './support/harness.ts';
 
 let api: TestService;
 let databaseUrl: string;
@@ -127,3 +128,19 @@ test('a second signal stops at once', async () => {
   w.child.kill('SIGINT');
   expect(await w.exited).toBe(130);
 }, 30_000);
+
+test('a worker-only process answers a metrics scrape it cannot complete with 503 and keeps running', async () => {
+  const doomedDb = await createTestDatabase();
+  await createCallLog(doomedDb);
+  const port = await freePort();
+  const w = await startWorkerProcess(doomedDb, { METRICS_PORT: String(port) });
+  children.push(w);
+  expect((await fetch(`http://127.0.0.1:${port}/metrics`)).status).toBe(200);
+  // The database goes away under it: the job-count gauges cannot be read.
+  await withClient(adminUrl(), (c) => c.query(`DROP DATABASE "${new URL(doomedDb).pathname.slice(1)}" WITH (FORCE)`));
+  const res = await fetch(`http://127.0.0.1:${port}/metrics`);
+  expect(res.status).toBe(503);
+  expect((await fetch(`http://127.0.0.1:${port}/metrics`)).status).toBe(503); // still there to answer
+  expect(w.child.exitCode).toBeNull();
+  expect(w.child.signalCode).toBeNull();
+});

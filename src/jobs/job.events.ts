@@ -72,6 +72,7 @@ export async function createJobEventHub(databaseUrl: string, logger: Logger, opt
     // Not awaited: on a half-open socket a clean end never completes. The socket is destroyed instead.
     void dead.end().catch(() => {});
     socketOf(dead)?.destroy();
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- close() sets it while we wait
     while (!closed) {
       await new Promise((r) => setTimeout(r, retryMs).unref());
       retryMs = Math.min(retryMs * 2, 5_000);

@@ -100,6 +100,7 @@ export function startSlotLoop<Q extends QueueName>(options: SlotLoopOptions<Q>):
       });
     await fetching;
     fetching = undefined;
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- stop() may have run during the fetch
     if (stopping) return;
     if (errorBackoffMs > 0) return schedule(errorBackoffMs);
     // A full fetch means more may be waiting: go again at once (a backlog drains at full speed).

@@ -292,7 +292,7 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
           memory.add('worker', 'pickup load', rss.stop(), 'worker during the pickup scenario');
           // Where the time goes, from the database's timestamps (same host clock): the submit
           // transaction's start (pgboss created_on), the fetch (started_on), the attempt's start.
-          const { rows } = await bench.pool.query<{ id: string; created: number; fetched: number; attempt: number; row_created: number }>(
+          const { rows } = await bench.pool.query<{ id: string; created: number; fetched: number; attempt: number | null; row_created: number }>(
             `SELECT j.id::text, extract(epoch FROM q.created_on) * 1000 AS created, extract(epoch FROM q.started_on) * 1000 AS fetched,
                     extract(epoch FROM j.started_at) * 1000 AS attempt, extract(epoch FROM j.created_at) * 1000 AS row_created
                FROM jobs j JOIN pgboss.job q ON q.id = j.id AND q.name = 'generate' WHERE j.id = ANY($1::uuid[])`,

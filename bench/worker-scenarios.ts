@@ -12,7 +12,7 @@ interface WorkerStats {
   maxInflight: number;
   meanInflight: number;
   busySlots: number;
-  inflightByLatency: Record<string, number>;
+  inflightByLatency: Partial<Record<string, number>>;
 }
 
 // ---------------------------------------------------------------------------------------------

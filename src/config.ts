@@ -17,6 +17,7 @@ const schema = z.object({
   DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/ }).optional(),
   DATABASE_POOL_MAX: int(1, 200).default(10),
   DATA_DIR: z.string().min(1).default('.data'),
+  EMBEDDED_PG_PORT: int(1, 65535).default(54329),
   MEDIA_DIR: z.string().min(1).default('media'),
   MAX_BODY_BYTES: int(1024, 10 * 1024 * 1024).default(64 * 1024),
   IDEMPOTENCY_TTL_HOURS: int(1, 24 * 30).default(24),

@@ -9,7 +9,7 @@ await runProcess({
   role: 'all',
   async database(config, logger) {
     if (config.DATABASE_URL) return { url: config.DATABASE_URL };
-    const port = Number(process.env.EMBEDDED_PG_PORT ?? 54329);
+    const port = config.EMBEDDED_PG_PORT;
     let lock;
     try {
       lock = lockDataDir(config.DATA_DIR, { port: config.PORT });

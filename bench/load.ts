@@ -32,6 +32,8 @@ export interface LoadSpec {
   rate?: number;
   /** pg only: pool size (the API's DATABASE_POOL_MAX). */
   poolMax?: number;
+  /** http only: extra request headers (e.g. Authorization). */
+  headers?: Record<string, string>;
   /** The request body (same for the pg baseline's row). */
   body: { prompt: string; parameters: { width: number; height: number } };
 }
@@ -74,7 +76,7 @@ async function paced(spec: LoadSpec, url: URL): Promise<LoadResult> {
     new Promise<void>((resolve) => {
       const req = http.request(
         url,
-        { method: 'POST', agent, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) }, timeout: 10_000 },
+        { method: 'POST', agent, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload), ...spec.headers }, timeout: 10_000 },
         (res) => {
           res.resume();
           res.on('end', () => {
@@ -116,7 +118,7 @@ async function httpLoad(spec: LoadSpec): Promise<LoadResult> {
   const instance = autocannon({
     url: url.toString(),
     method: 'POST',
-    headers: { 'content-type': 'application/json' },
+    headers: { 'content-type': 'application/json', ...spec.headers },
     body: JSON.stringify(spec.body),
     connections: spec.connections,
     duration: spec.durationSeconds,

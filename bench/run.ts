@@ -26,9 +26,10 @@ import {
   type Measure,
   type Server,
 } from './scenarios.ts';
+import { securityScenario } from './security.ts';
 import { inflightScenario, mixedScenario, trickleScenario } from './worker-scenarios.ts';
 
-const SCENARIOS = ['submit', 'pickup', 'throughput', 'inflight', 'trickle', 'mixed', 'normalise'] as const;
+const SCENARIOS = ['submit', 'pickup', 'throughput', 'inflight', 'trickle', 'mixed', 'normalise', 'security'] as const;
 type ScenarioName = (typeof SCENARIOS)[number];
 
 const { values: flags } = parseArgs({
@@ -218,7 +219,7 @@ try {
   log(`main Postgres (${elapsed()}): ${mainServer.description}`);
   // Quick mode saves the second server's start-up unless asked for it.
   const submitServer = flags['submit-server'] ?? (quick ? 'main' : 'durable');
-  const durable = only.has('submit') && submitServer === 'durable' ? ((await startDurable()) ?? mainServer) : mainServer;
+  const durable = (only.has('submit') || only.has('security')) && submitServer === 'durable' ? ((await startDurable()) ?? mainServer) : mainServer;
   if (only.has('submit')) log(`submit Postgres (${elapsed()}): ${durable.description}`);
 
   const ctx: Context = {
@@ -266,6 +267,7 @@ try {
   await run('trickle', () => trickleScenario(ctx));
   await run('mixed', () => mixedScenario(ctx));
   await run('normalise', () => normalizeScenario(ctx));
+  await run('security', () => securityScenario(ctx));
   measures.push(...memory.measures());
 
   const rows = measures.map(toRow);

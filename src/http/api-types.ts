@@ -607,12 +607,17 @@ export interface operations {
             query?: {
                 /** @description Only jobs in these states (repeat the parameter for several). */
                 status?: components["schemas"]["JobState"][];
-                /** @description Only jobs created strictly after this instant (`2026-11-01T00:00:00Z`; the colons need no encoding, a `+` offset must be sent as `%2B`). */
+                /**
+                 * @description Only jobs created strictly after this instant: an RFC 3339 date-time in years 0001–9999.
+                 *     Anything else (hour 24 or 25, February 30, a `+24:00` offset, a leap second `23:59:60`) is a 400
+                 *     naming the parameter. The colons need no encoding (`created_after=2026-11-01T00:00:00Z`); a `+`
+                 *     offset must be sent as `%2B`.
+                 */
                 created_after?: string;
-                /** @description Only jobs created strictly before this instant. */
+                /** @description Only jobs created strictly before this instant (same rules as `created_after`). */
                 created_before?: string;
                 limit?: number;
-                /** @description The `next_cursor` of the previous page. */
+                /** @description The `next_cursor` of the previous page; any other value is a 400 naming the parameter. */
                 cursor?: string;
             };
             header?: never;

@@ -2,6 +2,7 @@
 import { randomUUID } from 'node:crypto';
 import express, { type Express, type Response } from 'express';
 import * as OpenApiValidator from 'express-openapi-validator';
+import helmet from 'helmet';
 import { sql } from 'kysely';
 import { createAuthenticator, principalOf, requirePrincipal, type AuthConfig } from '../auth/authenticate.ts';
 import { createRateLimiter, createStreamSlots, type LimitsConfig } from '../auth/limits.ts';
@@ -50,6 +51,10 @@ export function createApp(deps: AppDeps): App {
   app.disable('x-powered-by');
   app.set('query parser', 'simple');
   app.use(corsPolicy(deps.corsOrigins));
+  // Security headers on every answer (nosniff, frame and referrer policies, …). The CSP allows this
+  // origin's own scripts and styles plus inline styles, which /docs (swagger-ui, served from here)
+  // needs; no upgrade-insecure-requests, since the service is often reached over plain HTTP.
+  app.use(helmet({ contentSecurityPolicy: { directives: { upgradeInsecureRequests: null } } }));
 
   app.use(
     pinoHttp({
@@ -82,6 +87,8 @@ export function createApp(deps: AppDeps): App {
       ignorePaths: /^\/docs(\/|$)/,
       validateFormats: true,
       validateSecurity: false, // the authenticator (src/auth) enforces the contract's security
+      // Full checks: a date-time with hour 25, February 30 or a +24:00 offset is a 400, not a 500 later.
+      ajvFormats: { mode: 'full' },
     }),
   );
 
@@ -133,7 +140,9 @@ export function createApp(deps: AppDeps): App {
       const jobId = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/.exec(req.params.file)?.[0];
       if (!jobId || (await findJobOwner(deps.db, jobId)) !== principal.keyId) return next(new AppError('not_found', `no media file ${req.params.file}`));
     }
-    res.sendFile(req.params.file, { root: deps.storage.dir, dotfiles: 'deny', maxAge: '365d', immutable: true, etag: true, lastModified: true }, (err) => {
+    // Private: a shared cache must not hand one key's image to another. Embeddable from other origins (<img>).
+    res.set({ 'Cache-Control': 'private, max-age=31536000, immutable', 'Cross-Origin-Resource-Policy': 'cross-origin' });
+    res.sendFile(req.params.file, { root: deps.storage.dir, dotfiles: 'deny', cacheControl: false, etag: true, lastModified: true }, (err) => {
       if (!err) return;
       if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as { status?: number }).status === 404) {
         if (!res.headersSent) return next(new AppError('not_found', `no media file ${req.params.file}`));

@@ -125,8 +125,8 @@ export async function listJobs(db: Database, principal: Principal, query: ListQu
   const rows = await jobs.listJobs(db, {
     ownerId: principal.operator ? undefined : principal.keyId,
     statuses: query.status,
-    createdAfter: query.created_after ? new Date(query.created_after) : undefined,
-    createdBefore: query.created_before ? new Date(query.created_before) : undefined,
+    createdAfter: query.created_after ? parseInstant(query.created_after, '/query/created_after') : undefined,
+    createdBefore: query.created_before ? parseInstant(query.created_before, '/query/created_before') : undefined,
     after: query.cursor ? decodeCursor(query.cursor) : undefined,
     limit: limit + 1,
   });
@@ -145,13 +145,32 @@ function encodeCursor(job: JobRow): string {
 
 function decodeCursor(cursor: string): { createdAt: Date; id: string } {
   try {
-    const [at, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [string, string];
-    const createdAt = new Date(at);
-    if (Number.isNaN(createdAt.getTime()) || !/^[0-9a-f-]{36}$/.test(id)) throw new Error('bad cursor');
-    return { createdAt, id };
+    const [at, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [unknown, unknown];
+    if (typeof at !== 'string' || typeof id !== 'string' || !UUID.test(id)) throw new Error('bad cursor');
+    return { createdAt: parseInstant(at, '/query/cursor'), id };
   } catch {
     throw new AppError('validation_failed', 'cursor is not one this service issued', [{ path: '/query/cursor', message: 'is not a valid cursor' }]);
   }
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+// Years Postgres' timestamptz and JavaScript's Date both hold, and that a client could mean.
+const EARLIEST = Date.parse('0001-01-01T00:00:00Z');
+const LATEST = Date.parse('9999-12-31T23:59:59.999Z');
+
+/**
+ * An instant the contract's format let through but JavaScript or Postgres cannot hold (a leap second
+ * `23:59:60`, year −271821) is the client's mistake: a 400 naming the parameter, not a 500.
+ */
+function parseInstant(text: string, path: string): Date {
+  const at = new Date(text);
+  const ms = at.getTime();
+  if (Number.isNaN(ms) || ms < EARLIEST || ms > LATEST) {
+    throw new AppError('validation_failed', `${path.split('/').pop()} is not an instant this service can store`, [
+      { path, message: 'must be a date-time between years 0001 and 9999 (no leap seconds)' },
+    ]);
+  }
+  return at;
 }
 
 /**

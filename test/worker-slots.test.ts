@@ -1,6 +1,7 @@
 // Per-job execution: every slot busy while work waits, no job held or aborted by another, stale attempts
 // that can change nothing, canceled jobs that leave no files, and database hiccups that cost no attempt.
-import { readdirSync } from 'node:fs';
+import { readdirSync, utimesSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
 import { listAttempts } from '../src/jobs/job.repository.ts';
 import { createLocalProvider } from '../src/providers/local.provider.ts';
 import type { GenerationRequest, ImageProvider } from '../src/providers/provider.ts';
@@ -226,4 +227,24 @@ describe('database hiccups cost no attempt', () => {
     expect(calls).toBe(1);
     expect(await retryCountOf(databaseUrl, id)).toBe(0);
   });
+});
+
+test('maintenance removes outputs no job will serve (a worker died after writing), and nothing else', async () => {
+  svc = await startTestService();
+  const id = await jobIdOf(await submit(svc.baseUrl, { prompt: 'kept' }));
+  const done = await waitForStatus(svc.baseUrl, id, ['completed']);
+  const dir = svc.config.MEDIA_DIR;
+  const { createLocalStorage } = await import('../src/media/storage.ts');
+  const { removeStrayOutputs } = await import('../src/worker/maintenance.handler.ts');
+  const twoHoursAgo = new Date(Date.now() - 2 * 3600_000);
+  const served = readdirSync(dir);
+  const strayOfJob = `${id}-1-${'a'.repeat(32)}.png`; // an attempt that wrote but never completed the job
+  const strayOfNobody = `00000000-0000-4000-8000-000000000000-1-${'b'.repeat(32)}.thumb.webp`;
+  const young = `${id}-1-${'c'.repeat(32)}.png`; // may still be in the hands of a running attempt
+  for (const name of [strayOfJob, strayOfNobody, young]) writeFileSync(path.join(dir, name), 'x');
+  for (const name of [...served, strayOfJob, strayOfNobody]) utimesSync(path.join(dir, name), twoHoursAgo, twoHoursAgo);
+
+  expect(await removeStrayOutputs(svc.db, await createLocalStorage(dir))).toBe(2);
+  expect(readdirSync(dir).sort()).toEqual([...served, young].sort());
+  expect((await fetch(`${svc.baseUrl}${done.result_url}`)).status).toBe(200);
 });

@@ -365,3 +365,9 @@ export async function expireIdempotencyKeys(db: Database, olderThanHours: number
     .executeTakeFirst();
   return Number(res.numUpdatedRows);
 }
+
+/** What decides whether a stored file is still wanted: the job's status, attempt and output paths. */
+export async function findFileOwners(db: Database, jobIds: string[]): Promise<Pick<JobRow, 'id' | 'status' | 'attempts' | 'outputs'>[]> {
+  if (jobIds.length === 0) return [];
+  return db.selectFrom('jobs').select(['id', 'status', 'attempts', 'outputs']).where('id', 'in', jobIds).execute();
+}

@@ -13,6 +13,8 @@ export interface MediaStorage {
   remove(names: readonly string[]): Promise<void>;
   /** Temporary files older than `olderThanMs` (left by a crash mid-write), removed; returns how many. */
   removeStaleTemporaries(olderThanMs: number): Promise<number>;
+  /** Names of stored files (not temporaries) last written more than `olderThanMs` ago. */
+  listOlderThan(olderThanMs: number): Promise<string[]>;
 }
 
 const TEMP_PREFIX = '.tmp-';
@@ -37,19 +39,28 @@ export async function createLocalStorage(dir: string): Promise<MediaStorage> {
       await Promise.all(names.map((name) => rm(path.join(root, path.basename(name)), { force: true })));
     },
     async removeStaleTemporaries(olderThanMs) {
-      let removed = 0;
-      for (const name of await readdir(root)) {
-        if (!name.startsWith(TEMP_PREFIX)) continue;
-        const file = path.join(root, name);
-        const info = await stat(file).catch(() => undefined);
-        if (info && Date.now() - info.mtimeMs > olderThanMs) {
-          await unlink(file).catch(() => {});
-          removed++;
-        }
-      }
-      return removed;
+      const stale = await olderThan(root, olderThanMs, (name) => name.startsWith(TEMP_PREFIX));
+      await Promise.all(stale.map((name) => unlink(path.join(root, name)).catch(() => {})));
+      return stale.length;
     },
+    listOlderThan: (olderThanMs) => olderThan(root, olderThanMs, (name) => !name.startsWith(TEMP_PREFIX)),
   };
+}
+
+async function olderThan(root: string, olderThanMs: number, wanted: (name: string) => boolean): Promise<string[]> {
+  const found: string[] = [];
+  for (const name of await readdir(root)) {
+    if (!wanted(name)) continue;
+    const info = await stat(path.join(root, name)).catch(() => undefined);
+    if (info?.isFile() && Date.now() - info.mtimeMs > olderThanMs) found.push(name);
+  }
+  return found;
+}
+
+/** The job and attempt a stored file belongs to, read from its name; undefined for other names. */
+export function ownerOfFile(name: string): { jobId: string; attempt: number } | undefined {
+  const match = /^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-([0-9]{1,3})-[0-9a-f]{32}/.exec(name);
+  return match ? { jobId: match[1], attempt: Number(match[2]) } : undefined;
 }
 
 /** A 128-bit random token per attempt: it scopes the attempt's file names and makes them unguessable. */

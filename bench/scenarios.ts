@@ -267,6 +267,7 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
         try {
           memory.add('worker', 'idle', await idleRss(worker.pid, ctx.quick ? 500 : 1000), 'worker at idle');
           const handlers = startCollector(worker.child, 'handler');
+          const notified = startCollector(worker.child, 'notified');
           const starts = startCollector(worker.child, 'start');
           const base = `http://127.0.0.1:${api.port}/generate`;
           const post = () => fetch(base, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
@@ -275,7 +276,7 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
           const rss = peakRss(worker.pid);
           const latencies: number[] = [];
           const toGenerate: number[] = [];
-          const submitted: { id: string; t0: number; response: number; handler: number; start: number }[] = [];
+          const submitted: { id: string; t0: number; response: number; notified: number; handler: number; start: number }[] = [];
           for (let i = 0; i < oursJobs; i++) {
             const t0 = nowMs();
             const res = await post();
@@ -286,7 +287,7 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
             if (Number.isNaN(h)) ours.missed++;
             else latencies.push(h - t0);
             if (!Number.isNaN(t)) toGenerate.push(t - t0);
-            submitted.push({ id: job_id, t0, response, handler: h, start: t });
+            submitted.push({ id: job_id, t0, response, notified: await notified.wait(job_id, 0), handler: h, start: t });
             await sleep(20 + Math.random() * 40); // idle again before the next one
           }
           memory.add('worker', 'pickup load', rss.stop(), 'worker during the pickup scenario');
@@ -311,6 +312,8 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
           const parts = {
             response: [] as number[],
             postToTx: [] as number[],
+            txToNotified: [] as number[],
+            notifiedToFetch: [] as number[],
             commitToFetch: [] as number[],
             fetchToHandler: [] as number[],
             handlerToAttempt: [] as number[],
@@ -322,6 +325,10 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
             parts.response.push(s.response - s.t0);
             parts.postToTx.push(Number(r.created) - s.t0);
             parts.commitToFetch.push(Number(r.fetched) - Number(r.created));
+            if (!Number.isNaN(s.notified)) {
+              parts.txToNotified.push(s.notified - Number(r.created));
+              parts.notifiedToFetch.push(Number(r.fetched) - s.notified);
+            }
             parts.fetchToHandler.push(s.handler - Number(r.fetched));
             parts.handlerToAttempt.push(Number(r.attempt) - s.handler);
             parts.attemptToStart.push(s.start - Number(r.attempt));
@@ -417,6 +424,8 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
       [
         ['postToTx', 'breakdown p50: POST sent → submit tx begins'],
         ['commitToFetch', 'breakdown p50: submit tx begins → fetch begins'],
+        ['txToNotified', '  of which: submit tx begins → worker notified (tx, commit, NOTIFY)'],
+        ['notifiedToFetch', '  of which: worker notified → fetch begins'],
         ['fetchToHandler', 'breakdown p50: fetch begins → jobs back in the worker'],
         ['handlerToAttempt', 'breakdown p50: jobs back → attempt tx begins'],
         ['attemptToStart', 'breakdown p50: attempt tx begins → generate()'],

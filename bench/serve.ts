@@ -4,6 +4,7 @@
 // counters, the worker's busy slots and this process's memory over IPC. With BENCH_LATENCY_BY_PROMPT=1
 // a prompt containing `latency=<ms>ms` takes that long (mixed-latency scenarios); any other prompt takes
 // LOCAL_PROVIDER_LATENCY_MS.
+import pg from 'pg';
 import { PgBoss } from 'pg-boss';
 import { parseConfig } from '../src/config.ts';
 import { createLogger } from '../src/logger.ts';
@@ -18,13 +19,16 @@ const reportStarts = process.env.BENCH_REPORT_STARTS === '1';
 const latencyByPrompt = process.env.BENCH_LATENCY_BY_PROMPT === '1';
 
 // In-flight accounting: current, maximum, and the time integral (for the time-weighted mean).
-const counters = { inflight: 0, maxInflight: 0, started: 0, finished: 0, area: 0, since: nowMs(), last: nowMs(), firstStart: 0, lastEnd: 0 };
+const counters = { inflight: 0, maxInflight: 0, maxAt: 0, started: 0, finished: 0, area: 0, since: nowMs(), last: nowMs(), firstStart: 0, firstEnd: 0, lastEnd: 0 };
 function change(delta: number): void {
   const t = nowMs();
   counters.area += counters.inflight * (t - counters.last);
   counters.last = t;
   counters.inflight += delta;
-  if (counters.inflight > counters.maxInflight) counters.maxInflight = counters.inflight;
+  if (counters.inflight > counters.maxInflight) {
+    counters.maxInflight = counters.inflight;
+    counters.maxAt = t;
+  }
 }
 
 /** Jobs in generate() now, by their latency (ms). */
@@ -55,6 +59,7 @@ function measuredProvider(defaultLatencyMs: number): ImageProvider {
         change(-1);
         counters.finished++;
         counters.lastEnd = nowMs();
+        if (counters.finished === 1) counters.firstEnd = counters.lastEnd;
       }
     },
   };
@@ -62,18 +67,39 @@ function measuredProvider(defaultLatencyMs: number): ImageProvider {
 
 // "Handler start": the moment a fetch of the generate queue returns its jobs, which the slot loop hands
 // to its slots at once (src/worker/slots.ts). Measured by wrapping pg-boss's fetch (this process only;
-// nothing in src changes).
-if (reportStarts) {
+// nothing in src changes), which also counts the generate fetches by the batch size they asked for.
+const fetches = { count: 0, jobs: 0, asked: new Map<number, number>() };
+{
   type Fetched = { id: string; data?: { jobId?: string } }[];
-  const proto = PgBoss.prototype as unknown as { fetch: (name: string, ...rest: unknown[]) => Promise<Fetched> };
+  const proto = PgBoss.prototype as unknown as { fetch: (name: string, options?: { batchSize?: number }) => Promise<Fetched> };
   const fetchJobs = proto.fetch;
-  proto.fetch = async function (this: PgBoss, name: string, ...rest: unknown[]) {
-    const jobs = await fetchJobs.call(this, name, ...rest);
+  proto.fetch = async function (this: PgBoss, name: string, options?: { batchSize?: number }) {
+    const jobs = await fetchJobs.call(this, name, options);
     if (name === 'generate') {
       const t = nowMs();
-      for (const job of jobs) send({ type: 'handler', jobId: job.data?.jobId ?? job.id, t });
+      fetches.count++;
+      fetches.jobs += jobs.length;
+      const asked = options?.batchSize ?? 1;
+      fetches.asked.set(asked, (fetches.asked.get(asked) ?? 0) + 1);
+      if (reportStarts) for (const job of jobs) send({ type: 'handler', jobId: job.data?.jobId ?? job.id, t });
     }
     return jobs;
+  };
+}
+
+// "Notified": the moment this process's job_events listener receives a job's `queued` notification
+// (the submit transaction has committed). Measured by wrapping pg's Client.emit (this process only).
+if (reportStarts) {
+  const proto = pg.Client.prototype as unknown as { emit: (event: string | symbol, ...args: unknown[]) => boolean };
+  const emit = proto.emit;
+  proto.emit = function (this: pg.Client, event: string | symbol, ...args: unknown[]) {
+    const msg = args[0] as { channel?: string; payload?: string } | undefined;
+    if (event === 'notification' && msg?.channel === 'job_events' && msg.payload?.includes('"queued"')) {
+      const t = nowMs();
+      const n = JSON.parse(msg.payload) as { job_id: string };
+      send({ type: 'notified', jobId: n.job_id, t });
+    }
+    return emit.call(this, event, ...args);
   };
 }
 
@@ -112,15 +138,18 @@ process.on('message', (m: { cmd: string; id: number }) => {
         finished: counters.finished,
         meanInflight: span > 0 ? counters.area / span : 0,
         firstStart: counters.firstStart,
+        firstEnd: counters.firstEnd,
         lastEnd: counters.lastEnd,
+        maxAt: counters.maxAt,
         busySlots: service?.worker?.busySlots() ?? 0,
+        fetches: { count: fetches.count, jobs: fetches.jobs, asked: Object.fromEntries(fetches.asked) },
         inflightByLatency: Object.fromEntries(inflightByLatency),
         memory: process.memoryUsage(),
       });
       break;
     }
     case 'reset':
-      Object.assign(counters, { maxInflight: counters.inflight, started: 0, finished: 0, area: 0, since: nowMs(), last: nowMs(), firstStart: 0, lastEnd: 0 });
+      Object.assign(counters, { maxInflight: counters.inflight, maxAt: 0, started: 0, finished: 0, area: 0, since: nowMs(), last: nowMs(), firstStart: 0, firstEnd: 0, lastEnd: 0 });
       reply({});
       break;
     case 'stop':

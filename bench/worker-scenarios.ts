@@ -12,6 +12,11 @@ interface WorkerStats {
   maxInflight: number;
   meanInflight: number;
   busySlots: number;
+  /** Fetches of the generate queue: how many, the jobs they returned, and how many asked for n jobs. */
+  fetches: { count: number; jobs: number; asked: Partial<Record<string, number>> };
+  firstStart: number;
+  firstEnd: number;
+  maxAt: number;
   inflightByLatency: Partial<Record<string, number>>;
 }
 
@@ -118,6 +123,8 @@ export async function mixedScenario(ctx: Context): Promise<Measure[]> {
   const heldShare: number[] = [];
   const fastRate: number[] = [];
   const fastIdeal: number[] = [];
+  const perFetch: number[] = [];
+  const singles: number[] = [];
 
   for (let run = 0; run < ctx.runs; run++) {
     const db = await ctx.newDatabase(ctx.main, `mixed${run}`);
@@ -150,6 +157,10 @@ export async function mixedScenario(ctx: Context): Promise<Measure[]> {
           if (Date.now() > deadline) throw new Error(`mixed latencies: only ${rows[0].fast_done} of ${fastCount} fast jobs done in time`);
           await sleep(Math.max(0, tick + sampleMs - Date.now()));
         }
+        const { fetches } = await call<WorkerStats>(worker.child, 'stats');
+        perFetch.push(fetches.jobs / fetches.count);
+        singles.push((fetches.asked['1'] ?? 0) / fetches.count);
+        debug(`mixed fetches: ${JSON.stringify(fetches)}`);
         debug(`mixed samples (busy/waiting/slow/fastDone): ${samples.map((x) => `${x.busy}/${x.waiting}/${x.slowInflight}/${x.fastDone}`).join(' ')}`);
         // Busy slots against what could be busy: min(slots, jobs running + jobs waiting to be fetched),
         // from the first moment every slot that could be busy was (the start-up ramp is the pickup
@@ -197,6 +208,15 @@ export async function mixedScenario(ctx: Context): Promise<Measure[]> {
     },
     { scenario: 'mixed latencies', metric: 'busy slots / possible, 5th percentile of samples', unit: '%', ours: p5Share.map((v) => v * 100), better: 'higher' },
     { scenario: 'mixed latencies', metric: 'samples at ≥ 95%', unit: '%', ours: heldShare.map((v) => v * 100), better: 'higher' },
+    { scenario: 'mixed latencies', metric: 'jobs per fetch (mean)', unit: 'jobs', ours: perFetch, better: 'higher' },
+    {
+      scenario: 'mixed latencies',
+      metric: 'fetches that asked for 1 job',
+      unit: '%',
+      ours: singles.map((v) => v * 100),
+      better: 'lower',
+      note: 'a fetch asks for min(free slots, WORKER_BATCH_SIZE) jobs; counted in the worker process by wrapping pg-boss fetch.',
+    },
     {
       scenario: 'mixed latencies',
       metric: `fast-job throughput`,
@@ -228,6 +248,8 @@ export async function inflightScenario(ctx: Context, memory: MemoryLog, spec: In
   const mean: number[] = [];
   const hwm: number[] = [];
   const cpu: number[] = [];
+  const ramp: number[] = [];
+  const drainMs: number[] = [];
   const capped: string[] = [];
   const label = `${slots} × ${latencyMs / 1000} s`;
 
@@ -258,9 +280,17 @@ export async function inflightScenario(ctx: Context, memory: MemoryLog, spec: In
         mean.push(stats.meanInflight);
         hwm.push(peak);
         cpu.push((readCpuMs(worker.pid) - cpu0) / Math.max(1, completed - done0));
+        // Where the time beyond the latency goes: the ramp to the peak, and the image work and
+        // settlement after the first provider call returned (epoch ms, same host clock).
+        const { rows } = await bench.pool.query<{ last: number }>(
+          `SELECT extract(epoch FROM max(finished_at)) * 1000 AS last FROM jobs WHERE status = 'completed'`,
+        );
+        ramp.push(stats.maxAt - stats.firstStart);
+        drainMs.push(Number(rows[0].last) - stats.firstEnd);
         memory.add('worker', `in-flight peak (${label})`, peak, 'worker holding the in-flight load (VmHWM)');
         ctx.log(
-          `  run ${run + 1}: ${r.toFixed(0)} jobs/s, max in flight ${stats.maxInflight}, mean ${stats.meanInflight.toFixed(0)}, VmHWM ${peak.toFixed(0)} MB`,
+          `  run ${run + 1}: ${r.toFixed(0)} jobs/s, max in flight ${stats.maxInflight} (reached ${(stats.maxAt - stats.firstStart).toFixed(0)} ms after the first start), ` +
+            `mean ${stats.meanInflight.toFixed(0)}, first provider return → last completed ${(Number(rows[0].last) - stats.firstEnd).toFixed(0)} ms, VmHWM ${peak.toFixed(0)} MB`,
         );
       } finally {
         await stopChild(worker.child);
@@ -293,6 +323,15 @@ export async function inflightScenario(ctx: Context, memory: MemoryLog, spec: In
       note: `one worker process; timed from the first fetch to the last row completed; 64×64 PNG outputs${capped.length ? `; ${capped.join('; ')} (rated over the jobs done)` : ''}.`,
     },
     { scenario: 'in flight', metric: 'time-weighted mean in flight (first start → last end)', unit: 'jobs', ours: mean, better: 'higher' },
+    { scenario: 'in flight', metric: 'first generate() → peak in flight (ramp)', unit: 'ms', ours: ramp, better: 'lower' },
+    {
+      scenario: 'in flight',
+      metric: 'first generate() returned → last job completed',
+      unit: 'ms',
+      ours: drainMs,
+      better: 'lower',
+      note: 'the image work and settlement of all jobs after their provider calls return; ideally no longer than the ramp (completions keep pace with starts).',
+    },
     { scenario: 'in flight', metric: 'worker CPU per job', unit: 'ms', ours: cpu, better: 'lower' },
     {
       scenario: 'in flight',

@@ -38,7 +38,9 @@ export function createBoss(databaseUrl: string, poolMax: number, config: QueueCo
     connectionString: databaseUrl,
     max: poolMax,
     application_name: 'media-gen:pg-boss',
-    useListenNotify: true,
+    // Our workers are woken by the job_events NOTIFY of the jobs table (src/jobs/job.events.ts), not by
+    // pg-boss's own: no listener here, and no NOTIFY on each send (measured: sends are ~40% cheaper).
+    useListenNotify: false,
     // Expired and heart-beat-less jobs are found by supervision; this bounds crash detection.
     superviseIntervalSeconds: config.WORKER_SUPERVISE_INTERVAL_SECONDS,
     monitorIntervalSeconds: Math.max(1, Math.min(60, config.WORKER_SUPERVISE_INTERVAL_SECONDS)),
@@ -67,17 +69,17 @@ export function generatePolicy(config: QueueConfig) {
  * Partitioned: a queue of its own keeps its statistics fresh as it fills (see STACK notes in README).
  */
 export async function ensureQueues(boss: PgBoss, config: QueueConfig): Promise<void> {
-  if (!(await boss.getQueue(GENERATE_DEAD))) {
-    await boss.createQueue(GENERATE_DEAD, { retryLimit: 10, retryBackoff: true, notify: true, partition: true });
-  }
-  if (!(await boss.getQueue(WEBHOOK))) {
-    await boss.createQueue(WEBHOOK, { retryLimit: 8, retryBackoff: true, retryDelay: 1, retryDelayMax: 300, notify: true });
-  }
-  if (!(await boss.getQueue(MAINTENANCE))) {
-    await boss.createQueue(MAINTENANCE, { policy: 'singleton', retryLimit: 0 });
-  }
-  if (!(await boss.getQueue(GENERATE))) {
-    await boss.createQueue(GENERATE, { ...generatePolicy(config), deadLetter: GENERATE_DEAD, notify: true, partition: true });
+  const queues: [QueueName, Parameters<PgBoss['createQueue']>[1]][] = [
+    [GENERATE_DEAD, { retryLimit: 10, retryBackoff: true, partition: true }],
+    [WEBHOOK, { retryLimit: 8, retryBackoff: true, retryDelay: 1, retryDelayMax: 300 }],
+    [MAINTENANCE, { policy: 'singleton', retryLimit: 0 }],
+    [GENERATE, { ...generatePolicy(config), deadLetter: GENERATE_DEAD, partition: true }],
+  ];
+  for (const [name, options] of queues) {
+    const existing = await boss.getQueue(name);
+    if (!existing) await boss.createQueue(name, options);
+    // Queues created by an earlier version had pg-boss's NOTIFY on; nothing listens to it any more.
+    else if (existing.notify) await boss.updateQueue(name, { notify: false });
   }
 }
 

@@ -1,5 +1,6 @@
 // createApp(deps): the HTTP API. Requests (and, in tests, responses) are validated against openapi.yaml.
 import { randomUUID } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
 import express, { type Express, type Response } from 'express';
 import * as OpenApiValidator from 'express-openapi-validator';
 import helmet from 'helmet';
@@ -21,6 +22,8 @@ import { corsPolicy } from './cors.ts';
 import { streamJobEvents } from './job-events.stream.ts';
 import { createQueuePositions } from './queue-positions.ts';
 import { errorHandler, notFoundHandler, RETRY_AFTER_SECONDS, sendProblem } from './problem.ts';
+
+const pageDir = fileURLToPath(new URL('./page/', import.meta.url));
 
 export interface AppDeps extends Omit<JobServiceDeps, 'maxQueuedJobs'> {
   /** Keys and per-key limits (README "Security"). */
@@ -74,6 +77,9 @@ export function createApp(deps: AppDeps): App {
     res.type('application/yaml').send(specText);
   });
   app.use('/docs', swaggerUi.serve, swaggerUi.setup(spec, { customSiteTitle: 'Media generation API' }));
+  // The web page (src/http/page): static files, public like /docs; it calls the API like any client.
+  app.get('/', (_req, res) => res.sendFile('index.html', { root: pageDir }));
+  app.use('/page', express.static(pageDir, { index: false }));
 
   // Who is calling, before anything reads the body; the contract says which routes need a key.
   app.use(createAuthenticator({ db: deps.db, config: deps.security, spec }));

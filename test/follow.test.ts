@@ -268,9 +268,13 @@ describe('outputs and metrics', () => {
   test('GET /metrics exposes jobs by status, queue depth, pickup latency, durations, errors and retries', async () => {
     const { svc, api } = await start();
     await waitForStatus(svc.baseUrl, await submit(api, 'measured'), ['completed']);
-    const res = await fetch(`${svc.baseUrl}/metrics`);
-    expect(res.headers.get('content-type')).toMatch(/^text\/plain/);
-    const text = await res.text();
+    // The worker records its histograms just after the completion commits: a poll may see the job first.
+    const text = await waitFor(async () => {
+      const res = await fetch(`${svc.baseUrl}/metrics`);
+      expect(res.headers.get('content-type')).toMatch(/^text\/plain/);
+      const body = await res.text();
+      return /^media_job_duration_seconds_count\{status="completed"\} 1$/m.test(body) ? body : undefined;
+    }, 'the worker to record the completed job');
     expect(text).toMatch(/^media_jobs\{status="completed"\} 1$/m);
     expect(text).toMatch(/^media_queue_depth\{state="ready"\} \d+$/m);
     expect(text).toMatch(/^media_job_pickup_seconds_count 1$/m);

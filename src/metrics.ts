@@ -30,7 +30,7 @@ export function createMetrics(): Metrics {
     providerErrors: new Counter({ name: 'media_provider_errors_total', help: 'Failed attempts by provider and kind (retryable, permanent, aborted, internal)', labelNames: ['provider', 'kind'], registers: [registry] }),
     retries: new Counter({ name: 'media_job_retries_total', help: 'Attempts that were retries of an earlier one', registers: [registry] }),
     jobsFinished: new Counter({ name: 'media_jobs_finished_total', help: 'Jobs this process finished, by final status', labelNames: ['status'], registers: [registry] }),
-    webhookDeliveries: new Counter({ name: 'media_webhook_deliveries_total', help: 'Webhook delivery tries by outcome', labelNames: ['outcome'], registers: [registry] }),
+    webhookDeliveries: new Counter({ name: 'media_webhook_deliveries_total', help: 'Webhook delivery calls by outcome (delivered, failed, refused, deferred, skipped)', labelNames: ['outcome'], registers: [registry] }),
   };
 }
 

@@ -15,8 +15,10 @@ export function createWebhookHandler(deps: WebhookHandlerDeps): (job: SlotJob<'w
   return async (job) => {
     const attempt = { id: job.id, retryCount: job.retryCount };
     try {
-      await deliverWebhook(deps, job.data.deliveryId, job.retryCount >= job.retryLimit);
-      deps.metrics.webhookDeliveries.inc({ outcome: 'delivered' });
+      // delivered, refused (never retried), deferred (handed back to the queue as a new job), skipped:
+      // in every case this queue job is done.
+      const outcome = await deliverWebhook(deps, job.data.deliveryId, job.retryCount >= job.retryLimit);
+      deps.metrics.webhookDeliveries.inc({ outcome });
       await deps.boss.complete(WEBHOOK, attempt);
     } catch (err) {
       deps.metrics.webhookDeliveries.inc({ outcome: 'failed' });

@@ -34,6 +34,8 @@ export interface LoadSpec {
   poolMax?: number;
   /** http only: extra request headers (e.g. Authorization). */
   headers?: Record<string, string>;
+  /** http only, unpaced: connection i also sends headerSets[i % length] (e.g. one API key each). */
+  headerSets?: Record<string, string>[];
   /** The request body (same for the pg baseline's row). */
   body: { prompt: string; parameters: { width: number; height: number } };
 }
@@ -115,11 +117,18 @@ async function httpLoad(spec: LoadSpec): Promise<LoadResult> {
   const latencies: number[] = [];
   let errors = 0;
   const started = nowMs();
+  let connection = 0;
   const instance = autocannon({
     url: url.toString(),
     method: 'POST',
     headers: { 'content-type': 'application/json', ...spec.headers },
     body: JSON.stringify(spec.body),
+    ...(spec.headerSets?.length
+      ? {
+          setupClient: (client: { setHeaders(h: Record<string, string>): void }) =>
+            client.setHeaders({ 'content-type': 'application/json', ...spec.headers, ...spec.headerSets![connection++ % spec.headerSets!.length] }),
+        }
+      : {}),
     connections: spec.connections,
     duration: spec.durationSeconds,
     timeout: 10,

@@ -95,7 +95,7 @@ export type DeliveryOutcome = 'delivered' | 'refused' | 'deferred' | 'skipped';
  * Tries a delivery once. Resolves when the receiver answered 2xx (or it was delivered before); throws
  * WebhookDeliveryError otherwise, so the queue retries it. `lastTry` marks the row failed for good.
  */
-export async function deliverWebhook(deps: DeliveryDeps, deliveryId: string, lastTry: boolean): Promise<DeliveryOutcome> {
+export async function deliverWebhook(deps: DeliveryDeps, deliveryId: string, lastTry: boolean, signal?: AbortSignal): Promise<DeliveryOutcome> {
   const delivery = await deps.db.selectFrom('webhook_deliveries').selectAll().where('id', '=', deliveryId).executeTakeFirst();
   if (!delivery || delivery.status !== 'pending') return 'skipped';
   const { owner_id } = await deps.db.selectFrom('jobs').select('owner_id').where('id', '=', delivery.job_id).executeTakeFirstOrThrow();
@@ -115,7 +115,7 @@ export async function deliverWebhook(deps: DeliveryDeps, deliveryId: string, las
   };
   const host = hostOf(delivery.url);
   try {
-    statusCode = await post(deps, delivery.url, body, headers);
+    statusCode = await post(deps, delivery.url, body, headers, signal);
     if (statusCode < 200 || statusCode >= 300) error = `the receiver answered ${statusCode}`;
   } catch (err) {
     if (err instanceof HostBusy) {
@@ -194,7 +194,7 @@ function hostOf(url: string): string {
  * reads at most RESPONSE_BYTES_MAX of the answer. Resolves with the status code; throws HostBusy when
  * the host had no free place in time, and an error with code EFORBIDDENADDRESS when refused.
  */
-async function post(deps: DeliveryDeps, url: string, body: string, headers: Record<string, string>): Promise<number> {
+async function post(deps: DeliveryDeps, url: string, body: string, headers: Record<string, string>, signal?: AbortSignal): Promise<number> {
   const shape = urlShapeProblem(url);
   if (shape) throw Object.assign(new Error(`the URL ${shape}`), { code: 'EFORBIDDENADDRESS' });
   const { agents, hosts } = outboundOf(deps);
@@ -206,6 +206,8 @@ async function post(deps: DeliveryDeps, url: string, body: string, headers: Reco
       headers,
       agent: agents,
       timeout: { request: deps.config.WEBHOOK_TIMEOUT_MS },
+      // The worker stopping past its grace period (or the try's deadline) ends the call: the queue retries it.
+      ...(signal ? { signal } : {}),
       retry: { limit: 0 }, // the queue retries, with backoff, durably
       followRedirect: false,
       throwHttpErrors: false,

@@ -12,12 +12,12 @@ export interface WebhookHandlerDeps extends DeliveryDeps {
 }
 
 export function createWebhookHandler(deps: WebhookHandlerDeps): (job: SlotJob<'webhook'>, signal: AbortSignal) => Promise<void> {
-  return async (job) => {
+  return async (job, signal) => {
     const attempt = { id: job.id, retryCount: job.retryCount };
     try {
       // delivered, refused (never retried), deferred (handed back to the queue as a new job), skipped:
       // in every case this queue job is done.
-      const outcome = await deliverWebhook(deps, job.data.deliveryId, job.retryCount >= job.retryLimit);
+      const outcome = await deliverWebhook(deps, job.data.deliveryId, job.retryCount >= job.retryLimit, signal);
       deps.metrics.webhookDeliveries.inc({ outcome });
       await deps.boss.complete(WEBHOOK, attempt);
     } catch (err) {

@@ -101,7 +101,7 @@ export interface StatusBody {
   result_url?: string;
   error?: string;
   attempts: number;
-  outputs: { url: string; width: number; height: number; format: string; bytes: number }[];
+  outputs: { url: string; width: number; height: number; format: string; bytes: number; thumbnail_url?: string }[];
   [key: string]: unknown;
 }
 

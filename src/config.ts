@@ -19,6 +19,15 @@ const schema = z.object({
   DATA_DIR: z.string().min(1).default('.data'),
   EMBEDDED_PG_PORT: int(1, 65535).default(54329),
   MEDIA_DIR: z.string().min(1).default('media'),
+  // Where outputs are kept: `local` (MEDIA_DIR) or `s3` (an S3-compatible bucket, README "Running on several hosts").
+  MEDIA_STORAGE: z.enum(['local', 's3']).default('local'),
+  S3_BUCKET: z.string().regex(/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/, 'a bucket name (3-63 lowercase letters, digits, dots, hyphens)').optional(),
+  S3_PREFIX: z.string().regex(/^[\w./-]*$/, 'letters, digits, _ . - and /').optional(),
+  S3_ENDPOINT: z.url({ protocol: /^https?$/ }).optional(),
+  S3_REGION: z.string().min(1).default('us-east-1'),
+  S3_ACCESS_KEY_ID: z.string().min(1).optional(),
+  S3_SECRET_ACCESS_KEY: z.string().min(1).optional(),
+  S3_FORCE_PATH_STYLE: bool.default(false),
   MAX_BODY_BYTES: int(1024, 10 * 1024 * 1024).default(64 * 1024),
   IDEMPOTENCY_TTL_HOURS: int(1, 24 * 30).default(24),
 
@@ -72,7 +81,15 @@ const schema = z.object({
   KEY_MAX_QUEUED_JOBS: int(0, 10_000_000).default(1000),
   KEY_MAX_EVENT_STREAMS: int(0, 1_000_000).default(100),
   KEY_MAX_PRIORITY: int(0, 100).default(10),
-});
+}).superRefine(checkS3Settings);
+
+/** MEDIA_STORAGE=s3 needs a bucket; static S3 credentials come as a pair (or not at all: the SDK's chain). */
+function checkS3Settings(env: { MEDIA_STORAGE: string; S3_BUCKET?: string; S3_ACCESS_KEY_ID?: string; S3_SECRET_ACCESS_KEY?: string }, ctx: z.RefinementCtx): void {
+  if (env.MEDIA_STORAGE === 's3' && !env.S3_BUCKET) ctx.addIssue({ code: 'custom', path: ['S3_BUCKET'], message: 'required when MEDIA_STORAGE=s3' });
+  if (!env.S3_ACCESS_KEY_ID !== !env.S3_SECRET_ACCESS_KEY) {
+    ctx.addIssue({ code: 'custom', path: [env.S3_ACCESS_KEY_ID ? 'S3_SECRET_ACCESS_KEY' : 'S3_ACCESS_KEY_ID'], message: 'S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY go together' });
+  }
+}
 
 /** Every variable the configuration knows (tests check `.env.example` documents exactly these). */
 export const configKeys: readonly string[] = Object.freeze(Object.keys(schema.shape));

@@ -13,6 +13,8 @@ const secretKeys = [
   'apiToken',
   'REPLICATE_API_TOKEN',
   'WEBHOOK_SECRET',
+  'S3_SECRET_ACCESS_KEY',
+  'secretAccessKey',
   'password',
   'connectionString',
   'DATABASE_URL',

@@ -7,7 +7,7 @@ import { createDatabase, createPool, type Database } from './db/database.ts';
 import { migrate } from './db/migrate.ts';
 import { createJobEventHub } from './jobs/job.events.ts';
 import { redactUrl, type Logger } from './logger.ts';
-import { createLocalStorage } from './media/storage.ts';
+import { createStorage } from './media/storage.ts';
 import { createMetrics, registerDatabaseGauges, type Metrics } from './metrics.ts';
 import { createProvider } from './providers/index.ts';
 import type { ImageProvider } from './providers/provider.ts';
@@ -75,7 +75,8 @@ export async function startService(options: ServiceOptions): Promise<Service> {
     const metrics = createMetrics();
     registerDatabaseGauges(metrics, db, boss);
     const provider = options.provider ?? createProvider(config, logger);
-    const storage = await createLocalStorage(config.MEDIA_DIR);
+    const storage = await createStorage(config, logger);
+    releasers.push(() => storage.close());
 
     let worker: Worker | undefined;
     if (options.worker) {

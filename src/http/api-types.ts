@@ -49,7 +49,9 @@ export interface paths {
          * A stored image.
          * @description Media URLs are capabilities: their names are unguessable, and they are served to whoever
          *     holds one (an `<img>` cannot send a key), with `Cache-Control: private`. A request that does
-         *     send a key gets only that key's files: another key's file is a 404.
+         *     send a key gets only that key's files: another key's file is a 404. Where media are kept in
+         *     a bucket (`MEDIA_STORAGE=s3`), the API streams them from it under the same URL; a bucket it
+         *     cannot reach is a 503.
          */
         get: operations["getMedia"];
         put?: never;
@@ -469,7 +471,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description The database cannot be reached right now; retry after `Retry-After` seconds. */
+        /** @description The database (or, for media, the media bucket) cannot be reached right now; retry after `Retry-After` seconds. */
         Unavailable: {
             headers: {
                 "Retry-After"?: number;
@@ -600,6 +602,7 @@ export interface operations {
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
+            503: components["responses"]["Unavailable"];
         };
     };
     listJobs: {

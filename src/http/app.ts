@@ -20,6 +20,7 @@ import { getWebhookSecret } from '../webhooks/webhook.service.ts';
 import { spec, specPath, specText } from './contract.ts';
 import { corsPolicy } from './cors.ts';
 import { streamJobEvents } from './job-events.stream.ts';
+import { sendStoredMedia } from './media-stream.ts';
 import { createQueuePositions } from './queue-positions.ts';
 import { errorHandler, notFoundHandler, RETRY_AFTER_SECONDS, sendProblem } from './problem.ts';
 
@@ -148,6 +149,10 @@ export function createApp(deps: AppDeps): App {
     }
     // Private: a shared cache must not hand one key's image to another. Embeddable from other origins (<img>).
     res.set({ 'Cache-Control': 'private, max-age=31536000, immutable', 'Cross-Origin-Resource-Policy': 'cross-origin' });
+    if (deps.storage.kind === 's3') {
+      if (!(await sendStoredMedia(deps.storage, req.params.file, req, res))) next(new AppError('not_found', `no media file ${req.params.file}`));
+      return;
+    }
     res.sendFile(req.params.file, { root: deps.storage.dir, dotfiles: 'deny', cacheControl: false, etag: true, lastModified: true }, (err) => {
       if (!err) return;
       if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as { status?: number }).status === 404) {

@@ -1,13 +1,18 @@
-// Where images are kept: files under MEDIA_DIR, written atomically (temporary name, then linked into
-// place) and never overwritten: a name, once served, always means the same bytes.
+// Where images are kept: one small interface, two backends chosen by MEDIA_STORAGE: files under
+// MEDIA_DIR (local.storage.ts) or objects in an S3-compatible bucket (s3.storage.ts). Either way a
+// write is all-or-nothing and never replaces a name: a name, once served, always means the same bytes.
+// Output names (attempt-scoped, unguessable) are made here too.
 import { randomBytes } from 'node:crypto';
-import { link, mkdir, readdir, rm, stat, unlink, writeFile } from 'node:fs/promises';
-import path from 'node:path';
+import type { Readable } from 'node:stream';
+import type { Config } from '../config.ts';
+import type { Logger } from '../logger.ts';
 import type { OutputFormat } from '../providers/provider.ts';
+import { createLocalStorage } from './local.storage.ts';
 
-export interface MediaStorage {
-  readonly dir: string;
-  /** Stores `data` under a new `name`; readers see either nothing or the whole file. Refuses an existing name. */
+export { createLocalStorage };
+
+interface StorageOperations {
+  /** Stores `data` under a new `name`; readers see either nothing or the whole file. Refuses an existing name (MediaExistsError). */
   write(name: string, data: Buffer): Promise<void>;
   /** Removes files (missing ones are fine). */
   remove(names: readonly string[]): Promise<void>;
@@ -15,46 +20,73 @@ export interface MediaStorage {
   removeStaleTemporaries(olderThanMs: number): Promise<number>;
   /** Names of stored files (not temporaries) last written more than `olderThanMs` ago. */
   listOlderThan(olderThanMs: number): Promise<string[]>;
+  /** Releases connections (on shutdown). */
+  close(): Promise<void>;
 }
 
-const TEMP_PREFIX = '.tmp-';
-
-export async function createLocalStorage(dir: string): Promise<MediaStorage> {
-  const root = path.resolve(dir);
-  await mkdir(root, { recursive: true });
-  return {
-    dir: root,
-    async write(name, data) {
-      const target = path.join(root, path.basename(name));
-      const temp = path.join(root, `${TEMP_PREFIX}${randomBytes(6).toString('hex')}-${path.basename(name)}`);
-      try {
-        await writeFile(temp, data, { flush: true });
-        // link(), unlike rename(), fails when the target exists: nothing can replace a served file.
-        await link(temp, target);
-      } finally {
-        await rm(temp, { force: true });
-      }
-    },
-    async remove(names) {
-      await Promise.all(names.map((name) => rm(path.join(root, path.basename(name)), { force: true })));
-    },
-    async removeStaleTemporaries(olderThanMs) {
-      const stale = await olderThan(root, olderThanMs, (name) => name.startsWith(TEMP_PREFIX));
-      await Promise.all(stale.map((name) => unlink(path.join(root, name)).catch(() => {})));
-      return stale.length;
-    },
-    listOlderThan: (olderThanMs) => olderThan(root, olderThanMs, (name) => !name.startsWith(TEMP_PREFIX)),
-  };
+/** Files in a folder of this host: the API serves them from `dir` (sendFile: ETag, Last-Modified, 304, ranges). */
+export interface LocalMediaStorage extends StorageOperations {
+  readonly kind: 'local';
+  readonly dir: string;
 }
 
-async function olderThan(root: string, olderThanMs: number, wanted: (name: string) => boolean): Promise<string[]> {
-  const found: string[] = [];
-  for (const name of await readdir(root)) {
-    if (!wanted(name)) continue;
-    const info = await stat(path.join(root, name)).catch(() => undefined);
-    if (info?.isFile() && Date.now() - info.mtimeMs > olderThanMs) found.push(name);
+/** Objects in a bucket: the API streams what `read` returns, so result URLs stay the same. */
+export interface ObjectMediaStorage extends StorageOperations {
+  readonly kind: 's3';
+  /** A stored file, 'not-modified' when the conditions say the client's copy is current, undefined when absent. */
+  read(name: string, conditions: ReadConditions): Promise<StoredMedia | 'not-modified' | undefined>;
+}
+
+export type MediaStorage = LocalMediaStorage | ObjectMediaStorage;
+
+export interface ReadConditions {
+  ifNoneMatch?: string;
+  ifModifiedSince?: Date;
+}
+
+export interface StoredMedia {
+  body: Readable;
+  bytes?: number;
+  etag?: string;
+  lastModified?: Date;
+}
+
+/** A write named a file that already exists (a served name never changes). */
+export class MediaExistsError extends Error {
+  constructor(name: string) {
+    super(`media file ${name} already exists`);
+    this.name = 'MediaExistsError';
   }
-  return found;
+}
+
+/** The storage could not be reached or refused the request (the attempt is retried; the API answers 503). */
+export class MediaStorageError extends Error {
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = 'MediaStorageError';
+  }
+}
+
+export type StorageConfig = Pick<
+  Config,
+  'MEDIA_STORAGE' | 'MEDIA_DIR' | 'S3_BUCKET' | 'S3_PREFIX' | 'S3_ENDPOINT' | 'S3_REGION' | 'S3_ACCESS_KEY_ID' | 'S3_SECRET_ACCESS_KEY' | 'S3_FORCE_PATH_STYLE'
+>;
+
+/** The configured backend. The S3 client is loaded only when it is used. */
+export async function createStorage(config: StorageConfig, logger: Logger): Promise<MediaStorage> {
+  if (config.MEDIA_STORAGE === 's3') {
+    const { createS3Storage } = await import('./s3.storage.ts');
+    const storage = createS3Storage(config);
+    logger.info({ bucket: config.S3_BUCKET, prefix: config.S3_PREFIX, endpoint: config.S3_ENDPOINT ?? 'aws' }, 'media stored in an S3 bucket');
+    return storage;
+  }
+  return createLocalStorage(config.MEDIA_DIR);
+}
+
+/** The content type of a stored name, from its extension. */
+export function contentTypeOf(name: string): string {
+  const ext = /\.([a-z]+)$/.exec(name)?.[1];
+  return ext && ext in contentTypes ? contentTypes[ext as OutputFormat] : 'application/octet-stream';
 }
 
 /** The job and attempt a stored file belongs to, read from its name; undefined for other names. */

@@ -30,6 +30,10 @@ const schema = z.object({
   S3_FORCE_PATH_STYLE: bool.default(false),
   MAX_BODY_BYTES: int(1024, 10 * 1024 * 1024).default(64 * 1024),
   IDEMPOTENCY_TTL_HOURS: int(1, 24 * 30).default(24),
+  // Finished jobs (with their attempts, events, webhook deliveries and files) older than this are
+  // deleted; unset = kept forever. pg-boss's finished queue entries are kept QUEUE_RETENTION_DAYS.
+  JOB_RETENTION_DAYS: int(1, 36_500).optional(),
+  QUEUE_RETENTION_DAYS: int(1, 365).default(7),
 
   PROVIDER: z.enum(['auto', 'local', 'replicate']).default('auto'),
   LOCAL_PROVIDER_LATENCY_MS: int(0, 600_000).default(0),

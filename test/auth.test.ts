@@ -53,6 +53,12 @@ describe('without a key (ANONYMOUS_ACCESS=off)', () => {
     ['GET', `/jobs/${UNKNOWN}/events`],
     ['GET', '/webhooks/secret'],
     ['GET', '/metrics'],
+    // express routes ignore case and a trailing slash: so must the authenticator
+    ['POST', '/GENERATE'],
+    ['POST', '/Generate/'],
+    ['GET', '/JOBS'],
+    ['GET', `/Status/${UNKNOWN}/`],
+    ['GET', '/Webhooks/Secret'],
   ];
 
   test.each(secured)('%s %s is a 401 problem+json asking for a bearer key', async (method, path) => {

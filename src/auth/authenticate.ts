@@ -102,7 +102,9 @@ function routeRequirements(spec: OpenApiDocument): (req: Request) => Requirement
     return options.some((o) => Object.keys(o).length === 0) ? 'optional' : 'required';
   };
   const routes = Object.entries(spec.paths).flatMap(([template, operations]) => {
-    const pattern = new RegExp(`^${template.replace(/[.*+?^$()|[\]\\]/g, '\\$&').replace(/\{[^}]+\}/g, '[^/]+')}/?$`);
+    // Matched as express routes (case-insensitive, trailing slash optional), or `/GENERATE` would pass
+    // as a path the contract does not know.
+    const pattern = new RegExp(`^${template.replace(/[.*+?^$()|[\]\\]/g, '\\$&').replace(/\{[^}]+\}/g, '[^/]+')}/?$`, 'i');
     return Object.entries(operations)
       .filter(([method]) => ['get', 'put', 'post', 'delete', 'patch', 'head', 'options'].includes(method))
       .map(([method, op]) => ({ method: method.toUpperCase(), pattern, requirement: requirementOf(op.security) }));

@@ -83,6 +83,12 @@ export interface Jobs {
   webhook_url: string | null;
 }
 
+export interface JobStatusCounts {
+  backend_pid: number;
+  n: Int8;
+  status: string;
+}
+
 export interface RateLimits {
   expire: Int8 | null;
   key: string;
@@ -108,6 +114,7 @@ export interface DB {
   api_keys: ApiKeys;
   job_attempts: JobAttempts;
   job_events: JobEvents;
+  job_status_counts: JobStatusCounts;
   jobs: Jobs;
   rate_limits: RateLimits;
   webhook_deliveries: WebhookDeliveries;

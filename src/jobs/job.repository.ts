@@ -371,3 +371,61 @@ export async function findFileOwners(db: Database, jobIds: string[]): Promise<Pi
   if (jobIds.length === 0) return [];
   return db.selectFrom('jobs').select(['id', 'status', 'attempts', 'outputs']).where('id', 'in', jobIds).execute();
 }
+
+const FINISHED: JobState[] = ['completed', 'failed', 'canceled'];
+const STATUSES: JobState[] = [...ACTIVE, ...FINISHED];
+
+/** Jobs by status, from the counters the jobs table's triggers keep (reads a few rows, whatever the history). */
+export async function countJobsByStatus(db: Database): Promise<Record<JobState, number>> {
+  const rows = await db.selectFrom('job_status_counts').select(['status', (eb) => eb.fn.sum<string>('n').as('n')]).groupBy('status').execute();
+  const counts = Object.fromEntries(STATUSES.map((s) => [s, 0])) as Record<JobState, number>;
+  for (const row of rows) if (row.status in counts) counts[row.status as JobState] = Number(row.n);
+  return counts;
+}
+
+/**
+ * Folds the counter rows of database connections that are gone into one row, so the counters table
+ * stays as small as the number of live connections. Returns how many rows it folded.
+ */
+export async function foldJobCounts(db: Database): Promise<number> {
+  const { rows } = await sql<{ folded: number }>`
+    with gone as (
+      delete from job_status_counts
+       where backend_pid <> 0 and backend_pid not in (select pid from pg_stat_activity where pid is not null)
+       returning status, n
+    ), folded as (
+      insert into job_status_counts as c (backend_pid, status, n)
+      select 0, status, sum(n) from gone group by status
+      on conflict (backend_pid, status) do update set n = c.n + excluded.n
+    )
+    select count(*)::int as folded from gone`.execute(db);
+  return rows[0]?.folded ?? 0;
+}
+
+/** A job retention deleted, with what it had stored. */
+export type RetiredJob = Pick<JobRow, 'id' | 'outputs'>;
+
+/**
+ * Deletes up to `limit` jobs that finished more than `olderThanDays` days ago, oldest first, with
+ * their attempts, events and webhook deliveries (by cascade), in one transaction; returns them so their
+ * files can go too. A job whose Idempotency-Key is still remembered stays until the key expires; rows
+ * another transaction holds are skipped.
+ */
+export async function deleteFinishedJobs(db: Database, olderThanDays: number, limit: number): Promise<RetiredJob[]> {
+  return db
+    .deleteFrom('jobs')
+    .where('id', 'in', (eb) =>
+      eb
+        .selectFrom('jobs')
+        .select('id')
+        .where('status', 'in', FINISHED)
+        .where('finished_at', '<', sql<Date>`now() - make_interval(days => ${olderThanDays})`)
+        .where('idempotency_key', 'is', null)
+        .orderBy('finished_at')
+        .limit(limit)
+        .forUpdate()
+        .skipLocked(),
+    )
+    .returning(['id', 'outputs'])
+    .execute();
+}

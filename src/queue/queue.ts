@@ -15,12 +15,15 @@ export interface QueuePayloads {
   webhook: { deliveryId: string };
   /** Periodic housekeeping (scheduled by pg-boss's cron, run by one worker at a time). */
   maintenance: Record<string, never>;
+  /** Deletes finished jobs past JOB_RETENTION_DAYS (scheduled like maintenance, one worker at a time). */
+  retention: Record<string, never>;
 }
 export type QueueName = keyof QueuePayloads;
 
 export const GENERATE = 'generate' satisfies QueueName;
 export const GENERATE_DEAD = 'generate-dead' satisfies QueueName;
 export const MAINTENANCE = 'maintenance' satisfies QueueName;
+export const RETENTION = 'retention' satisfies QueueName;
 export const WEBHOOK = 'webhook' satisfies QueueName;
 
 export type QueueConfig = Pick<
@@ -31,6 +34,7 @@ export type QueueConfig = Pick<
   | 'JOB_TIMEOUT_SECONDS'
   | 'JOB_HEARTBEAT_SECONDS'
   | 'WORKER_SUPERVISE_INTERVAL_SECONDS'
+  | 'QUEUE_RETENTION_DAYS'
 >;
 
 export function createBoss(databaseUrl: string, poolMax: number, config: QueueConfig, logger: Logger): PgBoss {
@@ -73,13 +77,21 @@ export async function ensureQueues(boss: PgBoss, config: QueueConfig): Promise<v
     [GENERATE_DEAD, { retryLimit: 10, retryBackoff: true, partition: true }],
     [WEBHOOK, { retryLimit: 8, retryBackoff: true, retryDelay: 1, retryDelayMax: 300 }],
     [MAINTENANCE, { policy: 'singleton', retryLimit: 0 }],
+    [RETENTION, { policy: 'singleton', retryLimit: 0 }],
     [GENERATE, { ...generatePolicy(config), deadLetter: GENERATE_DEAD, partition: true }],
   ];
+  // How long pg-boss keeps a finished entry (it has no archive since v10: its maintenance deletes them).
+  const deleteAfterSeconds = config.QUEUE_RETENTION_DAYS * 86_400;
   for (const [name, options] of queues) {
     const existing = await boss.getQueue(name);
-    if (!existing) await boss.createQueue(name, options);
+    if (!existing) {
+      await boss.createQueue(name, { ...options, deleteAfterSeconds });
+      continue;
+    }
     // Queues created by an earlier version had pg-boss's NOTIFY on; nothing listens to it any more.
-    else if (existing.notify) await boss.updateQueue(name, { notify: false });
+    if (existing.notify) await boss.updateQueue(name, { notify: false });
+    // Applies to entries created from now on (each entry keeps the setting it was created with).
+    if (existing.deleteAfterSeconds !== deleteAfterSeconds) await boss.updateQueue(name, { deleteAfterSeconds });
   }
 }
 

@@ -11,11 +11,12 @@ import type { Logger } from '../logger.ts';
 import type { MediaStorage } from '../media/storage.ts';
 import type { Metrics } from '../metrics.ts';
 import type { ImageProvider } from '../providers/provider.ts';
-import { GENERATE, GENERATE_DEAD, MAINTENANCE, WEBHOOK } from '../queue/queue.ts';
+import { GENERATE, GENERATE_DEAD, MAINTENANCE, RETENTION, WEBHOOK } from '../queue/queue.ts';
 import type { WebhookConfig } from '../webhooks/webhook.service.ts';
 import { createDeadLetterHandler } from './dead-letter.handler.ts';
 import { createGenerateHandler } from './generate.handler.ts';
 import { createMaintenanceHandler, MAINTENANCE_CRON } from './maintenance.handler.ts';
+import { createRetentionHandler, RETENTION_CRON } from './retention.handler.ts';
 import { JobStopped, startSlotLoop } from './slots.ts';
 import { createWebhookHandler } from './webhook.handler.ts';
 
@@ -29,6 +30,7 @@ export type WorkerConfig = Pick<
   | 'MAX_IMAGE_PIXELS'
   | 'IDEMPOTENCY_TTL_HOURS'
   | 'MAX_IMAGE_BYTES'
+  | 'JOB_RETENTION_DAYS'
 > &
   WebhookConfig;
 
@@ -86,6 +88,8 @@ export async function startWorker(deps: WorkerDeps): Promise<Worker> {
   });
   await boss.schedule(MAINTENANCE, MAINTENANCE_CRON);
   const maintenance = startSlotLoop({ boss, logger, queue: MAINTENANCE, slots: 1, fetchMax: 1, pollIntervalMs: 30_000, run: createMaintenanceHandler(deps) });
+  await boss.schedule(RETENTION, RETENTION_CRON);
+  const retention = startSlotLoop({ boss, logger, queue: RETENTION, slots: 1, fetchMax: 1, pollIntervalMs: 30_000, run: createRetentionHandler(deps) });
 
   const cancel = (jobId: string) => generate.running.get(jobId)?.abort(new JobStopped('canceled', 'the job was canceled'));
   // A new job (or one whose retry is due soon) is a `queued` notification; any other change may have
@@ -129,7 +133,7 @@ export async function startWorker(deps: WorkerDeps): Promise<Worker> {
       const deadline = setTimeout(() => giveUp.abort(), graceMs + SETTLE_GRACE_MS);
       try {
         // The cancel listener stays on until the last job has finished or been handed back.
-        await Promise.all([generate.stop(graceMs), webhooks.stop(graceMs), deadLetters.stop(graceMs), maintenance.stop(graceMs)]);
+        await Promise.all([generate.stop(graceMs), webhooks.stop(graceMs), deadLetters.stop(graceMs), maintenance.stop(graceMs), retention.stop(graceMs)]);
       } finally {
         clearTimeout(deadline);
         offAny();

@@ -2,9 +2,10 @@
 // see support/s3-server.ts): whole jobs, API and worker on "different hosts", no overwrite, stray
 // removal, an unreachable bucket. The bucket is read back with the AWS SDK directly, not through the
 // service, as the oracle for what was stored.
-import { readdirSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import sharp from 'sharp';
+import { parse } from 'yaml';
 import { parseConfig } from '../src/config.ts';
 import { listAttempts } from '../src/jobs/job.repository.ts';
 import { createLogger } from '../src/logger.ts';
@@ -234,4 +235,24 @@ test('configuration: MEDIA_STORAGE=s3 needs a bucket, static credentials come in
   createLogger('info', {}, { write: (line: string) => lines.push(line) }).info({ config }, 'configuration');
   expect(lines.join('')).toContain('AKIDEXAMPLE');
   expect(lines.join('')).not.toContain('hush-hush-secret');
+});
+
+test('the compose object-storage variant (docker-compose.s3.yml) points migrate, api and worker at the bucket it creates, with settings the config accepts', () => {
+  const read = (file: string) => readFileSync(new URL(`../${file}`, import.meta.url), 'utf8');
+  const text = read('docker-compose.s3.yml');
+  const override = parse(text, { merge: true }) as {
+    services: Record<string, { environment?: Record<string, string>; depends_on?: Record<string, { condition: string }> }>;
+  };
+  for (const name of ['migrate', 'api', 'worker']) {
+    const env = override.services[name].environment!;
+    expect(env).toMatchObject({ MEDIA_STORAGE: 's3', S3_ENDPOINT: 'http://minio:9000', S3_FORCE_PATH_STYLE: 'true' });
+    // what the containers get once compose has filled in the defaults
+    const filled = Object.fromEntries(Object.entries(env).map(([k, v]) => [k, v.replace(/\$\{[A-Z0-9_]+:-([^}]*)\}/g, '$1')]));
+    expect(parseConfig(filled)).toMatchObject({ MEDIA_STORAGE: 's3', S3_BUCKET: 'media' });
+  }
+  for (const name of ['api', 'worker']) expect(override.services[name].depends_on).toEqual({ bucket: { condition: 'service_completed_successfully' } });
+  expect(override.services.bucket.depends_on).toEqual({ minio: { condition: 'service_healthy' } });
+  const used = new Set([...text.matchAll(/\$\{([A-Z][A-Z0-9_]*)/g)].map((m) => m[1]));
+  const documented = new Set([...read('.env.example').matchAll(/^#?\s*([A-Z][A-Z0-9_]*)=/gm)].map((m) => m[1]));
+  expect([...used].filter((v) => !documented.has(v))).toEqual([]);
 });

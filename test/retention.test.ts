@@ -44,7 +44,11 @@ async function completedJob(svc: TestService, headers: Record<string, string> = 
   return waitForStatus(svc.baseUrl, job_id, ['completed']);
 }
 
-const fileNames = (job: StatusBody) => job.outputs.flatMap((o) => [o.url, (o as { thumbnail_url?: string }).thumbnail_url ?? '']).filter(Boolean).map((u) => path.basename(u));
+const fileNames = (job: StatusBody) =>
+  job.outputs
+    .flatMap((o) => [o.url, (o as { thumbnail_url?: string }).thumbnail_url ?? ''])
+    .filter(Boolean)
+    .map((u) => path.basename(u));
 
 async function age(url: string, id: string, finishedDaysAgo: number): Promise<void> {
   await query(url, `update jobs set finished_at = now() - make_interval(days => $2) where id = $1`, [id, finishedDaysAgo]);
@@ -63,7 +67,11 @@ async function remaining(url: string, ids: string[]) {
 }
 
 async function addDelivery(url: string, jobId: string): Promise<void> {
-  await query(url, `insert into webhook_deliveries (id, job_id, event, url, payload, status) values ($1, $2, 'completed', 'https://example.com/hook', '{}', 'delivered')`, [randomUUID(), jobId]);
+  await query(
+    url,
+    `insert into webhook_deliveries (id, job_id, event, url, payload, status) values ($1, $2, 'completed', 'https://example.com/hook', '{}', 'delivered')`,
+    [randomUUID(), jobId],
+  );
 }
 
 describe('retention of finished jobs', () => {
@@ -79,7 +87,13 @@ describe('retention of finished jobs', () => {
   test('deletes the old finished jobs with their attempts, events, deliveries and files, oldest first, in batches; nothing else', async () => {
     const url = svc.databaseUrl;
     const storage = await createLocalStorage(svc.config.MEDIA_DIR);
-    const [a, b, c, recent, remembered] = await Promise.all([completedJob(svc), completedJob(svc), completedJob(svc), completedJob(svc), completedJob(svc, { 'idempotency-key': 'still-remembered' })]);
+    const [a, b, c, recent, remembered] = await Promise.all([
+      completedJob(svc),
+      completedJob(svc),
+      completedJob(svc),
+      completedJob(svc),
+      completedJob(svc, { 'idempotency-key': 'still-remembered' }),
+    ]);
     await age(url, a.job_id, 45);
     await age(url, b.job_id, 44);
     await age(url, c.job_id, 43);
@@ -149,7 +163,10 @@ test('the worker runs retention when its scheduled job comes (JOB_RETENTION_DAYS
   const young = await insertJob(url, 'completed', { createdDaysAgo: 2, finishedDaysAgo: 1 });
   for (const id of [old, young]) {
     const [image, thumbnail] = stored(id);
-    await query(url, 'update jobs set outputs = $2 where id = $1', [id, JSON.stringify([{ url: `/media/${image}`, thumbnail_url: `/media/${thumbnail}`, width: 64, height: 64, format: 'png', bytes: 1 }])]);
+    await query(url, 'update jobs set outputs = $2 where id = $1', [
+      id,
+      JSON.stringify([{ url: `/media/${image}`, thumbnail_url: `/media/${thumbnail}`, width: 64, height: 64, format: 'png', bytes: 1 }]),
+    ]);
     for (const name of [image, thumbnail]) writeFileSync(path.join(mediaDir, name), 'x');
   }
   // What the cron sends every 10 minutes, waiting before the worker starts (which fetches at once).
@@ -205,7 +222,10 @@ test('job counters agree with count(*) after concurrent transitions, rollbacks a
         const op = mine.length < 3 ? 0 : rand(8) - 2;
         if (op <= 0) {
           const ids = Array.from({ length: 1 + rand(3) }, () => randomUUID());
-          await client.query(`insert into jobs (id, owner_id, prompt, parameters, provider) select unnest($1::uuid[]), $2, 'count', '{}', 'local'`, [ids, LOCAL_PRINCIPAL_ID]);
+          await client.query(`insert into jobs (id, owner_id, prompt, parameters, provider) select unnest($1::uuid[]), $2, 'count', '{}', 'local'`, [
+            ids,
+            LOCAL_PRINCIPAL_ID,
+          ]);
           if (!rollback) mine.push(...ids);
         } else if (op === 1) {
           await client.query('update jobs set status = $2 where id = $1', [mine[rand(mine.length)], statuses[rand(5)]]);
@@ -219,7 +239,9 @@ test('job counters agree with count(*) after concurrent transitions, rollbacks a
           await client.query('delete from jobs where id = any($1::uuid[])', [gone]);
           if (!rollback) for (const id of gone) mine.splice(mine.indexOf(id), 1);
         } else {
-          await client.query(`update jobs set status = 'completed', finished_at = now() where id = any($1::uuid[]) and status = 'processing'`, [mine.filter(() => rand(3) === 0)]);
+          await client.query(`update jobs set status = 'completed', finished_at = now() where id = any($1::uuid[]) and status = 'processing'`, [
+            mine.filter(() => rand(3) === 0),
+          ]);
         }
         await client.query(rollback ? 'rollback' : 'commit');
       }
@@ -238,7 +260,10 @@ test('job counters agree with count(*) after concurrent transitions, rollbacks a
     // The four connections are closed: their rows fold into one, and the counts stay.
     const rowsBefore = (await query<{ n: number }>(url, 'select count(*)::int as n from job_status_counts where backend_pid <> 0'))[0].n;
     expect(rowsBefore).toBeGreaterThan(0);
-    await waitFor(async () => ((await query(url, 'select 1 from pg_stat_activity where pid = any($1::int[])', [pids])).length === 0 ? true : undefined), 'the closed connections to go');
+    await waitFor(
+      async () => ((await query(url, 'select 1 from pg_stat_activity where pid = any($1::int[])', [pids])).length === 0 ? true : undefined),
+      'the closed connections to go',
+    );
     expect(await foldJobCounts(db)).toBeGreaterThan(0);
     expect(await countJobsByStatus(db)).toEqual(oracle);
     const left = await query<{ backend_pid: number }>(url, 'select distinct backend_pid from job_status_counts');

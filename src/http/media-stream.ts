@@ -32,11 +32,6 @@ export async function sendStoredMedia(storage: ObjectMediaStorage, name: string,
   if (found.bytes !== undefined) res.set('Content-Length', String(found.bytes));
   if (found.etag) res.set('ETag', found.etag);
   if (found.lastModified) res.set('Last-Modified', found.lastModified.toUTCString());
-  if (req.method === 'HEAD') {
-    found.body.destroy();
-    res.end();
-    return true;
-  }
   // A client that goes away mid-transfer ends the pipeline early: nothing to report.
   await pipeline(found.body, res).catch(() => res.destroy());
   return true;

@@ -27,9 +27,10 @@ import {
   type Server,
 } from './scenarios.ts';
 import { securityScenario } from './security.ts';
+import { historyScenario } from './history.ts';
 import { inflightScenario, mixedScenario, trickleScenario } from './worker-scenarios.ts';
 
-const SCENARIOS = ['submit', 'pickup', 'throughput', 'inflight', 'trickle', 'mixed', 'normalise', 'security'] as const;
+const SCENARIOS = ['submit', 'pickup', 'throughput', 'inflight', 'trickle', 'mixed', 'normalise', 'security', 'history'] as const;
 type ScenarioName = (typeof SCENARIOS)[number];
 
 const { values: flags } = parseArgs({
@@ -268,6 +269,7 @@ try {
   await run('mixed', () => mixedScenario(ctx));
   await run('normalise', () => normalizeScenario(ctx));
   await run('security', () => securityScenario(ctx));
+  await run('history', () => historyScenario(ctx));
   measures.push(...memory.measures());
 
   const rows = measures.map(toRow);

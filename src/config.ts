@@ -16,6 +16,8 @@ const schema = z.object({
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   DATABASE_URL: z.url({ protocol: /^postgres(ql)?$/ }).optional(),
   DATABASE_POOL_MAX: int(1, 200).default(10),
+  // A direct connection (not through PgBouncer in transaction mode) for LISTEN; unset = DATABASE_URL.
+  DATABASE_LISTEN_URL: z.url({ protocol: /^postgres(ql)?$/ }).optional(),
   DATA_DIR: z.string().min(1).default('.data'),
   EMBEDDED_PG_PORT: int(1, 65535).default(54329),
   MEDIA_DIR: z.string().min(1).default('media'),
@@ -48,6 +50,9 @@ const schema = z.object({
   REPLICATE_DOWNLOAD_HOSTS: list.default(['replicate.delivery']),
   MAX_IMAGE_BYTES: int(1024, 1024 * 1024 * 1024).default(50 * 1024 * 1024),
   REPLICATE_DOWNLOAD_TIMEOUT_MS: int(100, 600_000).default(60_000),
+  // Fleet-wide limit of prediction creates (shared through Postgres); unset = no limit.
+  REPLICATE_CREATES_PER_MINUTE: z.coerce.number().positive().max(1_000_000).optional(),
+  REPLICATE_CREATE_BURST: int(1, 10_000).default(1),
 
   JOB_RETRY_LIMIT: int(0, 100).default(5),
   JOB_RETRY_DELAY_SECONDS: int(1, 3600).default(1),

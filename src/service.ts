@@ -63,7 +63,8 @@ export async function startService(options: ServiceOptions): Promise<Service> {
     const db = createDatabase(pool);
     releasers.push(() => db.destroy());
 
-    const events = await createJobEventHub(databaseUrl, logger);
+    // LISTEN needs a session of its own: behind PgBouncer in transaction mode, DATABASE_LISTEN_URL is direct.
+    const events = await createJobEventHub(config.DATABASE_LISTEN_URL ?? databaseUrl, logger);
     releasers.push(() => events.close());
 
     const boss = createBoss(databaseUrl, config.DATABASE_POOL_MAX, config, logger);
@@ -74,7 +75,7 @@ export async function startService(options: ServiceOptions): Promise<Service> {
 
     const metrics = createMetrics();
     registerDatabaseGauges(metrics, db, boss);
-    const provider = options.provider ?? createProvider(config, logger);
+    const provider = options.provider ?? createProvider(config, logger, db);
     const storage = await createStorage(config, logger);
     releasers.push(() => storage.close());
 

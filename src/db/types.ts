@@ -89,6 +89,11 @@ export interface JobStatusCounts {
   status: string;
 }
 
+export interface ProviderRateLimits {
+  booked_until: Timestamp;
+  name: string;
+}
+
 export interface RateLimits {
   expire: Int8 | null;
   key: string;
@@ -116,6 +121,7 @@ export interface DB {
   job_events: JobEvents;
   job_status_counts: JobStatusCounts;
   jobs: Jobs;
+  provider_rate_limits: ProviderRateLimits;
   rate_limits: RateLimits;
   webhook_deliveries: WebhookDeliveries;
 }

@@ -18,6 +18,7 @@ import {
   type ImageProvider,
   type ProviderErrorKind,
 } from './provider.ts';
+import { RateLimitBookedError, type RateLimit } from './rate-limit.ts';
 
 export type ReplicateApiStyle = 'replicate' | 'cog';
 
@@ -60,6 +61,11 @@ export interface ReplicateProviderOptions {
   cancelTimeoutMs?: number;
   /** Debug logging of requests (method, url, status, prediction id). The token is never logged. */
   logger?: Logger;
+  /**
+   * A limit on prediction creates shared by the fleet (src/providers/rate-limit.ts): a token is taken
+   * before every create (a create retried after a 429 included), waiting for it within the deadline.
+   */
+  createLimit?: RateLimit;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -376,8 +382,18 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
     method: 'GET' | 'POST' | 'PUT',
     url: string,
     kind: RequestKind,
-    init: { json?: unknown; headers?: Record<string, string>; signal?: AbortSignal; timeoutMs: number; deadlineAt: number; predictionId?: string },
+    init: {
+      json?: unknown;
+      headers?: Record<string, string>;
+      signal?: AbortSignal;
+      timeoutMs: number;
+      deadlineAt: number;
+      predictionId?: string;
+      /** Awaited before each retry (after its delay). */
+      beforeRetry?: () => Promise<void>;
+    },
   ): Promise<Prediction> {
+    const beforeRetry = init.beforeRetry;
     try {
       const response = await api(url, {
         method,
@@ -386,6 +402,7 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
         signal: init.signal,
         timeout: { request: init.timeoutMs },
         retry: retryFor(kind, init.deadlineAt),
+        hooks: beforeRetry ? { beforeRetry: [() => beforeRetry()] } : undefined,
       });
       const body = (response.body ?? {}) as Prediction;
       logDebug({ method, url: urlForLog(url), status: response.statusCode, predictionId: body.id ?? init.predictionId }, 'replicate: request');
@@ -519,6 +536,21 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
     const createUrl = modelPath.version ? `${baseUrl}/predictions` : `${baseUrl}/models/${modelPath.owner}/${modelPath.name}/predictions`;
     const body = modelPath.version ? { version: modelPath.version, input } : { input };
 
+    // The fleet's create limit: a token before the create, and before each retry of it after a 429.
+    const takeCreateToken = async () => {
+      if (!options.createLimit) return;
+      try {
+        await options.createLimit.take(interrupt, deadlineAt - Date.now());
+      } catch (error) {
+        if (interrupt.aborted) throw new Interrupted('interrupted', { cause: interrupt.reason });
+        if (error instanceof RateLimitBookedError) {
+          throw providerError('retryable', `waiting for a create token would pass the deadline (${error.message})`, context);
+        }
+        throw error;
+      }
+    };
+    await takeCreateToken();
+
     // The create request is not aborted when the caller or the deadline interrupts: Replicate tells the
     // prediction's id only in its answer, so it is left to finish in the background and the prediction is
     // canceled then. The caller is answered at once all the same.
@@ -527,6 +559,7 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
       headers,
       timeoutMs: wait * 1000 + 15_000,
       deadlineAt,
+      beforeRetry: options.createLimit ? takeCreateToken : undefined,
     });
     let prediction: Prediction;
     try {

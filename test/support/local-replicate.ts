@@ -4,6 +4,8 @@
 // status}` error bodies, 429s with `retry_after` and `Retry-After`; it serves its outputs from its own
 // "delivery" URLs, real images made with sharp. Faults are injected per test through `faults` and
 // `setScenario()`, and every request is recorded (without its Authorization header) for assertions.
+// Like Replicate, it can enforce a rate limit on prediction creates (`createLimit`: a token bucket of
+// `burst` tokens refilled at `perMinute`): a create beyond it is a 429 with `retry_after`.
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
@@ -128,8 +130,15 @@ interface FakePrediction {
   waiters: Set<() => void>;
 }
 
+/** Replicate's limit on creates: a token bucket of `burst` tokens refilled at `perMinute`. */
+export interface CreateLimit {
+  perMinute: number;
+  burst: number;
+}
+
 export interface LocalReplicateOptions {
   token?: string;
+  createLimit?: CreateLimit;
   models?: FakeModel[];
   /** Versions the fake knows (64 hex) and the model each belongs to. */
   versions?: Record<string, string>;
@@ -147,6 +156,8 @@ export interface LocalReplicate {
   faults: Fault[];
   scenario: Scenario;
   setScenario(patch: Partial<Scenario>): void;
+  /** The enforced create limit (undefined: none); may be changed between runs. */
+  createLimit?: CreateLimit;
   predictions: Map<string, FakePrediction>;
   /** Requests of a route ('create' matches both create endpoints). */
   requestsOf(route: FaultRoute): RecordedRequest[];
@@ -176,6 +187,7 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
     requests: [],
     faults: [],
     scenario: defaultScenario(),
+    createLimit: options.createLimit,
     setScenario(patch) {
       state.scenario = { ...state.scenario, ...patch };
     },
@@ -211,6 +223,25 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
       });
     },
   };
+
+  // ------------------------------------------------------------------ create limit
+
+  const bucket = { tokens: 0, at: 0, limit: undefined as CreateLimit | undefined };
+  /** Takes a create token; returns undefined, or the seconds until one is available. */
+  function throttle(): number | undefined {
+    const limit = state.createLimit;
+    if (!limit) return undefined;
+    const now = performance.now();
+    const perMs = limit.perMinute / 60_000;
+    if (bucket.limit !== limit) Object.assign(bucket, { tokens: limit.burst, at: now, limit }); // a new limit starts full
+    bucket.tokens = Math.min(limit.burst, bucket.tokens + (now - bucket.at) * perMs);
+    bucket.at = now;
+    if (bucket.tokens >= 1) {
+      bucket.tokens -= 1;
+      return undefined;
+    }
+    return Math.ceil((1 - bucket.tokens) / perMs) / 1000;
+  }
 
   // ------------------------------------------------------------------ predictions
 
@@ -529,6 +560,17 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
     switch (route) {
       case 'create-model':
       case 'create-version': {
+        const throttled = throttle();
+        if (throttled !== undefined) {
+          const whole = Math.max(1, Math.ceil(throttled));
+          return sendJson(
+            res,
+            record,
+            429,
+            problem(429, 'Request was throttled', `Request was throttled. Expected available in ${whole} second${whole === 1 ? '' : 's'}.`, { retry_after: throttled }),
+            { 'retry-after': String(whole) },
+          );
+        }
         let modelName: string;
         let version = 'hidden';
         const request = (body ?? {}) as { input?: Record<string, unknown>; version?: string };

@@ -43,8 +43,12 @@ export interface RunningJob {
 export interface SlotLoop {
   /** New work may be waiting: fetch now if a slot is free. */
   wake(): void;
-  /** The jobs running now, by id. */
-  readonly running: ReadonlyMap<string, RunningJob>;
+  /** How many attempts are running now (each holds a slot). */
+  busy(): number;
+  /** Ids of the jobs running now. */
+  runningIds(): string[];
+  /** Aborts every running attempt of job `id` (a stale attempt may still run beside the current one). */
+  abort(id: string, reason: JobStopped): void;
   /**
    * Stops fetching, waits up to `graceMs` for running jobs, then aborts the rest (`shutdown`) and waits
    * for their handlers to settle them (handed back to the queue for another worker).
@@ -59,7 +63,10 @@ const HEARTBEAT_INTERVAL_MS = 5_000;
 export function startSlotLoop<Q extends QueueName>(options: SlotLoopOptions<Q>): SlotLoop {
   const { boss, queue, slots, logger } = options;
   const log = logger.child({ queue });
+  // By attempt, not by job: an attempt that lost its claim may still be running beside the next one, and
+  // it holds a slot until it ends.
   const running = new Map<string, RunningJob & { settled: Promise<void>; heartbeatSeconds: number }>();
+  const attemptKey = (job: { id: string; retryCount: number }) => `${job.id}#${job.retryCount}`;
   let stopping = false;
   let fetching: Promise<void> | undefined;
   let wanted = true; // fetch at start
@@ -120,14 +127,13 @@ export function startSlotLoop<Q extends QueueName>(options: SlotLoopOptions<Q>):
     );
     deadline.unref();
     const entry = { id: job.id, retryCount: job.retryCount, abort, settled: Promise.resolve(), heartbeatSeconds: job.heartbeatSeconds ?? 0 };
-    running.set(job.id, entry);
+    running.set(attemptKey(job), entry);
     entry.settled = options
       .run(job, controller.signal)
       .catch((err: unknown) => log.error({ err, jobId: job.id }, 'job handler threw (a bug): the queue will retry the job after its expiry'))
       .finally(() => {
         clearTimeout(deadline);
-        // (A later attempt of the same job may already run here, after this one lost its claim.)
-        if (running.get(job.id) === entry) running.delete(job.id);
+        running.delete(attemptKey(job));
         if (running.size === 0) idle?.();
         // A slot came free: take the next job now, not at the next wake-up.
         wanted = true;
@@ -151,7 +157,7 @@ export function startSlotLoop<Q extends QueueName>(options: SlotLoopOptions<Q>):
         if (!settled) return;
         const alive = new Set(settled);
         for (const job of due) {
-          if (!alive.has(job.id) && running.get(job.id) === job) {
+          if (!alive.has(job.id) && running.get(attemptKey(job)) === job) {
             job.abort(new JobStopped('claim-lost', 'this worker lost its claim on the job (heartbeat missed); another attempt owns it'));
           }
         }
@@ -166,7 +172,11 @@ export function startSlotLoop<Q extends QueueName>(options: SlotLoopOptions<Q>):
   schedule(0);
 
   return {
-    running,
+    busy: () => running.size,
+    runningIds: () => [...new Set([...running.values()].map((j) => j.id))],
+    abort(id, reason) {
+      for (const job of running.values()) if (job.id === id) job.abort(reason);
+    },
     wake() {
       wanted = true;
       void loop();

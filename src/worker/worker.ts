@@ -91,7 +91,7 @@ export async function startWorker(deps: WorkerDeps): Promise<Worker> {
   await boss.schedule(RETENTION, RETENTION_CRON);
   const retention = startSlotLoop({ boss, logger, queue: RETENTION, slots: 1, fetchMax: 1, pollIntervalMs: 30_000, run: createRetentionHandler(deps) });
 
-  const cancel = (jobId: string) => generate.running.get(jobId)?.abort(new JobStopped('canceled', 'the job was canceled'));
+  const cancel = (jobId: string) => generate.abort(jobId, new JobStopped('canceled', 'the job was canceled'));
   // A new job (or one whose retry is due soon) is a `queued` notification; any other change may have
   // queued a webhook delivery.
   const offAny = events.onAny((n) => {
@@ -103,7 +103,7 @@ export async function startWorker(deps: WorkerDeps): Promise<Worker> {
     // Notifications may have been missed while the listener reconnected: ask the table.
     generate.wake();
     webhooks.wake();
-    const ids = [...generate.running.keys()];
+    const ids = generate.runningIds();
     if (ids.length === 0) return;
     deps.db
       .selectFrom('jobs')
@@ -120,16 +120,16 @@ export async function startWorker(deps: WorkerDeps): Promise<Worker> {
     help: 'Generate jobs this worker process is running now (of WORKER_CONCURRENCY slots)',
     registers: [deps.metrics.registry],
     collect() {
-      this.set(generate.running.size);
+      this.set(generate.busy());
     },
   });
 
   logger.info({ provider: deps.provider.name, concurrency: config.WORKER_CONCURRENCY, fetchMax: config.WORKER_BATCH_SIZE }, 'worker started');
   return {
-    busySlots: () => generate.running.size,
+    busySlots: () => generate.busy(),
     async stop() {
       const graceMs = config.SHUTDOWN_GRACE_SECONDS * 1000;
-      logger.info({ graceSeconds: config.SHUTDOWN_GRACE_SECONDS, running: generate.running.size }, 'worker draining');
+      logger.info({ graceSeconds: config.SHUTDOWN_GRACE_SECONDS, running: generate.busy() }, 'worker draining');
       const deadline = setTimeout(() => giveUp.abort(), graceMs + SETTLE_GRACE_MS);
       try {
         // The cancel listener stays on until the last job has finished or been handed back.

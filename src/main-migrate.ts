@@ -11,7 +11,7 @@ if (!config.DATABASE_URL) {
   process.exit(78);
 }
 try {
-  await migrate(config.DATABASE_URL, logger);
+  await migrate(config.DATABASE_DIRECT_URL ?? config.DATABASE_URL, logger); // a session of its own (PgBouncer)
   const boss = createBoss(config.DATABASE_URL, 2, config, logger);
   await boss.start();
   await ensureQueues(boss, config);

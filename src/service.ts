@@ -56,15 +56,17 @@ export async function startService(options: ServiceOptions): Promise<Service> {
 
   try {
     logger.info({ database: redactUrl(databaseUrl) }, 'connecting');
-    if (config.RUN_MIGRATIONS) await migrate(databaseUrl, logger);
+    // Migrations (a session-level lock) and LISTEN need a session of their own: behind PgBouncer in
+    // transaction mode, DATABASE_DIRECT_URL reaches Postgres directly.
+    const directUrl = config.DATABASE_DIRECT_URL ?? databaseUrl;
+    if (config.RUN_MIGRATIONS) await migrate(directUrl, logger);
 
     const role = options.api && options.worker ? 'all' : options.api ? 'api' : 'worker';
     const pool = createPool({ connectionString: databaseUrl, max: config.DATABASE_POOL_MAX, applicationName: `media-gen:${role}` });
     const db = createDatabase(pool);
     releasers.push(() => db.destroy());
 
-    // LISTEN needs a session of its own: behind PgBouncer in transaction mode, DATABASE_LISTEN_URL is direct.
-    const events = await createJobEventHub(config.DATABASE_LISTEN_URL ?? databaseUrl, logger);
+    const events = await createJobEventHub(directUrl, logger);
     releasers.push(() => events.close());
 
     const boss = createBoss(databaseUrl, config.DATABASE_POOL_MAX, config, logger);

@@ -12,6 +12,7 @@ interface WorkerStats {
   maxInflight: number;
   meanInflight: number;
   busySlots: number;
+  memory: NodeJS.MemoryUsage;
   /** Fetches of the generate queue: how many, the jobs they returned, and how many asked for n jobs. */
   fetches: { count: number; jobs: number; asked: Partial<Record<string, number>> };
   firstStart: number;
@@ -249,6 +250,7 @@ export async function inflightScenario(ctx: Context, memory: MemoryLog, spec: In
   const hwm: number[] = [];
   const cpu: number[] = [];
   const ramp: number[] = [];
+  const heapMid: number[] = [];
   const drainMs: number[] = [];
   const capped: string[] = [];
   const label = `${slots} × ${latencyMs / 1000} s`;
@@ -264,6 +266,9 @@ export async function inflightScenario(ctx: Context, memory: MemoryLog, spec: In
       });
       const cpu0 = readCpuMs(worker.pid);
       const done0 = (await ourProgress(bench)).completed;
+      // Where the memory is while every slot waits on the provider (half way through the first round).
+      const midway = sleep(latencyMs / 2).then(() => call<WorkerStats>(worker.child, 'stats'));
+      midway.catch(() => {});
       try {
         const capSeconds = Math.ceil(count / slots) * (latencyMs / 1000) * 2 + 30;
         if (!(await drain(() => ourProgress(bench), `${count} jobs at ${latencyMs} ms`, capSeconds * 1000))) {
@@ -271,6 +276,13 @@ export async function inflightScenario(ctx: Context, memory: MemoryLog, spec: In
         }
         const peak = readMemory(worker.pid)?.hwmMb ?? NaN;
         const stats = await call<WorkerStats>(worker.child, 'stats');
+        const mid = (await midway).memory;
+        const mb = (n: number) => (n / 2 ** 20).toFixed(0);
+        ctx.log(
+          `  run ${run + 1}: midway, ${(await midway).inflight} in flight: rss ${mb(mid.rss)} MB, V8 heap used ${mb(mid.heapUsed)} of ${mb(mid.heapTotal)} MB, ` +
+            `external ${mb(mid.external)} MB (array buffers ${mb(mid.arrayBuffers)} MB)`,
+        );
+        heapMid.push(mid.heapUsed / 2 ** 20);
         const { completed, failed } = await ourProgress(bench);
         if (failed > 0) ctx.log(`  in flight: ${failed} jobs failed`);
         const r = completed / (await ourSpanSeconds(bench));
@@ -333,6 +345,7 @@ export async function inflightScenario(ctx: Context, memory: MemoryLog, spec: In
       note: 'the image work and settlement of all jobs after their provider calls return; ideally no longer than the ramp (completions keep pace with starts).',
     },
     { scenario: 'in flight', metric: 'worker CPU per job', unit: 'ms', ours: cpu, better: 'lower' },
+    { scenario: 'in flight', metric: 'worker V8 heap used, every slot waiting on the provider', unit: 'MB', ours: heapMid, better: 'lower' },
     {
       scenario: 'in flight',
       metric: `worker peak RSS (VmHWM), ${label}`,

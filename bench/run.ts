@@ -27,11 +27,12 @@ import {
   type Server,
 } from './scenarios.ts';
 import { securityScenario } from './security.ts';
+import { fleetLimitScenario } from './fleet-limit.ts';
 import { historyScenario } from './history.ts';
 import { hostsScenario } from './hosts.ts';
 import { inflightScenario, mixedScenario, trickleScenario } from './worker-scenarios.ts';
 
-const SCENARIOS = ['submit', 'pickup', 'throughput', 'inflight', 'trickle', 'mixed', 'normalise', 'security', 'history', 'hosts'] as const;
+const SCENARIOS = ['submit', 'pickup', 'throughput', 'inflight', 'trickle', 'mixed', 'normalise', 'security', 'history', 'hosts', 'fleet-limit'] as const;
 type ScenarioName = (typeof SCENARIOS)[number];
 
 const { values: flags } = parseArgs({
@@ -271,6 +272,7 @@ try {
   await run('normalise', () => normalizeScenario(ctx));
   await run('security', () => securityScenario(ctx));
   await run('history', () => historyScenario(ctx));
+  await run('fleet-limit', () => fleetLimitScenario(ctx));
   // Needs root and `ip`: refused when asked for by name, skipped (said so) in the default set.
   await run('hosts', () => hostsScenario(ctx, { required: flags.only !== undefined }));
   measures.push(...memory.measures());

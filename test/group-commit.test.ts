@@ -1,5 +1,6 @@
-// The group-commit helper on its own: writes group while a flush runs, and a failed flush is never
-// shared (each item is retried alone; a bad item fails alone; a transient error is retried).
+// The worker's small concurrency helpers on their own: group commit (writes group while a flush runs, and a
+// failed flush is never shared: each item is retried alone; a bad item fails alone; a transient error is
+// retried) and the semaphore that bounds image work.
 import { groupCommit } from '../src/worker/group-commit.ts';
 
 class Transient extends Error {}
@@ -57,4 +58,23 @@ test('retrying stops when the item\'s signal aborts', async () => {
   const result = commit('x', controller.signal);
   controller.abort(new Error('the worker gave up'));
   await expect(result).rejects.toThrow('the worker gave up');
+});
+
+test('the image-work semaphore lets at most `limit` run at once, and every caller runs', async () => {
+  const { createSemaphore } = await import('../src/worker/semaphore.ts');
+  const semaphore = createSemaphore(3);
+  let active = 0;
+  let peak = 0;
+  const results = await Promise.all(
+    Array.from({ length: 20 }, (_, i) =>
+      semaphore.run(async () => {
+        peak = Math.max(peak, ++active);
+        await new Promise((r) => setImmediate(r));
+        active--;
+        return i;
+      }),
+    ),
+  );
+  expect(results).toEqual(Array.from({ length: 20 }, (_, i) => i));
+  expect(peak).toBe(3);
 });

@@ -2,6 +2,7 @@
 // thumbnails) under names scoped to the attempt, and settle it. Our row and pg-boss's job change in the
 // same transaction, each fenced to this attempt, so a stale worker (its claim lost) can change neither,
 // and its files are removed. Writes of concurrent jobs are group-committed; failures are not shared.
+import { availableParallelism } from 'node:os';
 import { fromKysely, type PgBoss } from 'pg-boss';
 import type { Config } from '../config.ts';
 import type { Database, Tx } from '../db/database.ts';
@@ -17,6 +18,7 @@ import { ProviderError, type ImageProvider } from '../providers/provider.ts';
 import { GENERATE } from '../queue/queue.ts';
 import { enqueueWebhook, type WebhookConfig, type WebhookEvent } from '../webhooks/webhook.service.ts';
 import { groupCommit } from './group-commit.ts';
+import { createSemaphore, type Semaphore } from './semaphore.ts';
 import { JobStopped, type SlotJob } from './slots.ts';
 
 export interface GenerateDeps {
@@ -24,7 +26,7 @@ export interface GenerateDeps {
   boss: PgBoss;
   provider: ImageProvider;
   storage: MediaStorage;
-  config: Pick<Config, 'MAX_IMAGE_PIXELS' | 'MAX_IMAGE_BYTES'> & WebhookConfig;
+  config: Pick<Config, 'MAX_IMAGE_PIXELS' | 'MAX_IMAGE_BYTES' | 'IMAGE_CONCURRENCY'> & WebhookConfig;
   logger: Logger;
   metrics: Metrics;
   /** Recorded on each attempt row, to tell which worker ran it. */
@@ -53,6 +55,8 @@ interface SettleItem {
 
 export function createGenerateHandler(deps: GenerateDeps): (job: SlotJob<'generate'>, signal: AbortSignal) => Promise<void> {
   const retryable = { isTransient: isTransientDatabaseError };
+  // Generations that end together must not all decode at once: memory grows with every image in work.
+  const imageWork = createSemaphore(deps.config.IMAGE_CONCURRENCY || 4 * availableParallelism());
 
   // Attempt starts of jobs fetched together commit together (and queue their `start` webhooks).
   const start = groupCommit<jobs.AttemptStart, JobRow | undefined>(async (items) => {
@@ -77,6 +81,7 @@ export function createGenerateHandler(deps: GenerateDeps): (job: SlotJob<'genera
     const written: string[] = [];
     let providerStarted: number | undefined;
     let outcome: Settlement;
+    let progress: ProgressRecorder | undefined;
 
     try {
       const row = await start({ jobId, number: attempt }, signal);
@@ -89,6 +94,7 @@ export function createGenerateHandler(deps: GenerateDeps): (job: SlotJob<'genera
       if (attempt > 1) deps.metrics.retries.inc();
       const params = row.parameters as unknown as ResolvedParameters;
 
+      progress = progressRecorder(deps, row, attempt, log);
       providerStarted = performance.now();
       const result = await deps.provider.generate(
         {
@@ -106,7 +112,7 @@ export function createGenerateHandler(deps: GenerateDeps): (job: SlotJob<'genera
             prediction.id = id;
             jobs.recordPrediction(deps.db, jobId, attempt, id).catch((err: unknown) => log.warn({ err }, 'could not record the prediction id'));
           },
-          onProgress: progressRecorder(deps, row, attempt, log),
+          onProgress: progress.record,
         },
       );
       deps.metrics.providerSeconds.observe({ provider: deps.provider.name, outcome: 'succeeded' }, (performance.now() - providerStarted) / 1000);
@@ -118,7 +124,7 @@ export function createGenerateHandler(deps: GenerateDeps): (job: SlotJob<'genera
       const outputs: Output[] = [];
       for (const [index, image] of result.images.entries()) {
         signal.throwIfAborted();
-        outputs.push(await storeOutput(deps, { jobId, attempt, token, index }, image.data, params, written));
+        outputs.push(await storeOutput(deps, imageWork, { jobId, attempt, token, index }, image.data, params, written));
       }
       signal.throwIfAborted();
       outcome = { kind: 'completed', completion: { jobId, number: attempt, outputs, predictionId: prediction.id, predictTimeMs: prediction.timeMs } };
@@ -129,6 +135,7 @@ export function createGenerateHandler(deps: GenerateDeps): (job: SlotJob<'genera
       outcome = failureOf(deps, err, signal, job, prediction, log);
     }
 
+    progress?.stop(); // the attempt is over: a progress write still waiting would only be wasted
     let won = false;
     try {
       // Settled even when the job's signal is aborted (canceled, claim lost): the writes are fenced to
@@ -249,23 +256,26 @@ interface OutputName {
 }
 
 /** Normalises an output, writes it and its thumbnail (recording both in `written`), and describes it. */
-async function storeOutput(deps: GenerateDeps, name: OutputName, data: Buffer, params: ResolvedParameters, written: string[]): Promise<Output> {
+async function storeOutput(deps: GenerateDeps, imageWork: Semaphore, name: OutputName, data: Buffer, params: ResolvedParameters, written: string[]): Promise<Output> {
   const { index } = name;
   if (data.length > deps.config.MAX_IMAGE_BYTES) {
     throw new ProviderError('retryable', `output ${index + 1} of the provider is ${data.length} bytes, over the ${deps.config.MAX_IMAGE_BYTES}-byte limit`);
   }
-  const normalized = await normalizeImage(data, {
-    width: params.width,
-    height: params.height,
-    format: params.output_format,
-    maxPixels: deps.config.MAX_IMAGE_PIXELS,
-  }).catch((err: unknown) => {
-    throw err instanceof ImageDecodeError ? new ProviderError('retryable', `output ${index + 1} of the provider is ${err.message}`, { cause: err }) : err;
+  const { normalized, thumbnail } = await imageWork.run(async () => {
+    const image = await normalizeImage(data, {
+      width: params.width,
+      height: params.height,
+      format: params.output_format,
+      maxPixels: deps.config.MAX_IMAGE_PIXELS,
+    }).catch((err: unknown) => {
+      throw err instanceof ImageDecodeError ? new ProviderError('retryable', `output ${index + 1} of the provider is ${err.message}`, { cause: err }) : err;
+    });
+    return { normalized: image, thumbnail: await makeThumbnail(image.data) };
   });
   const file = mediaFileName(name.jobId, name.attempt, name.token, index, params.output_format);
   const thumb = thumbnailFileName(name.jobId, name.attempt, name.token, index);
   written.push(thumb);
-  await deps.storage.write(thumb, await makeThumbnail(normalized.data));
+  await deps.storage.write(thumb, thumbnail);
   written.push(file);
   await deps.storage.write(file, normalized.data);
   return { url: `/media/${file}`, width: normalized.width, height: normalized.height, format: normalized.format, bytes: normalized.bytes, thumbnail_url: `/media/${thumb}` };
@@ -275,7 +285,13 @@ async function storeOutput(deps: GenerateDeps, name: OutputName, data: Buffer, p
  * Records provider progress: at most one write in flight and at most one a second per job (the latest
  * value wins), so a chatty provider cannot flood the database. Completion itself ends progress.
  */
-function progressRecorder(deps: GenerateDeps, job: JobRow, attempt: number, log: Logger): (fraction: number) => void {
+interface ProgressRecorder {
+  record: (fraction: number) => void;
+  /** No more writes (a delayed one is dropped). */
+  stop: () => void;
+}
+
+function progressRecorder(deps: GenerateDeps, job: JobRow, attempt: number, log: Logger): ProgressRecorder {
   const jobId = job.id;
   // One statement, unless a webhook wants progress events (then the delivery commits with it).
   const wantsWebhook = job.webhook_url !== null && (job.webhook_events_filter ?? []).includes('progress');
@@ -288,9 +304,10 @@ function progressRecorder(deps: GenerateDeps, job: JobRow, attempt: number, log:
       : jobs.setProgress(deps.db, jobId, attempt, value);
   let pending: number | undefined;
   let writing = false;
+  let stopped = false;
   let lastWrite = 0;
   const flush = async (): Promise<void> => {
-    if (writing || pending === undefined) return;
+    if (writing || pending === undefined || stopped) return;
     const wait = lastWrite + PROGRESS_INTERVAL_MS - Date.now();
     if (wait > 0) {
       writing = true;
@@ -313,10 +330,15 @@ function progressRecorder(deps: GenerateDeps, job: JobRow, attempt: number, log:
     }
     void flush();
   };
-  return (fraction) => {
-    const value = Math.max(0, Math.min(1, fraction));
-    if (value >= 1) return;
-    pending = value;
-    void flush();
+  return {
+    record: (fraction) => {
+      const value = Math.max(0, Math.min(1, fraction));
+      if (value >= 1) return;
+      pending = value;
+      void flush();
+    },
+    stop: () => {
+      stopped = true;
+    },
   };
 }

@@ -74,6 +74,19 @@ export function startSlotLoop<Q extends QueueName>(options: SlotLoopOptions<Q>):
   let errorBackoffMs = 0;
   let timer: NodeJS.Timeout | undefined;
   let idle: (() => void) | undefined;
+  let refillQueued = false;
+
+  // Jobs that end together (one group commit settles dozens) free their slots in the same turn of the
+  // event loop: one fetch for all of them then, rather than a fetch of one for the first.
+  const refill = () => {
+    wanted = true;
+    if (refillQueued) return;
+    refillQueued = true;
+    setImmediate(() => {
+      refillQueued = false;
+      void loop();
+    });
+  };
 
   const schedule = (ms: number) => {
     clearTimeout(timer);
@@ -136,8 +149,7 @@ export function startSlotLoop<Q extends QueueName>(options: SlotLoopOptions<Q>):
         running.delete(attemptKey(job));
         if (running.size === 0) idle?.();
         // A slot came free: take the next job now, not at the next wake-up.
-        wanted = true;
-        void loop();
+        refill();
       });
   };
 

@@ -541,6 +541,8 @@ const families: Record<string, Family> = {
         // (swagger-ui, outside the API contract and its validator) answers any method: allowed here.
         const opsRead = readOnly && ['/healthz', '/readyz', '/openapi.yaml'].includes(template);
         const docs = template.startsWith('/docs');
+        // The web page at / answers a read whatever the query string (it is static, outside the contract).
+        const page = readOnly && template === '/';
         // A contract path added since this test was written, read plainly (no parameter, no query): valid.
         const noQuery = /^\??&*$/.test(query); // '', '?', '?&&&': no parameters at all
         // A plain read of a contract path with a GET and no parameters (also one added since this test
@@ -556,7 +558,7 @@ const families: Record<string, Family> = {
           target,
           headers: withBody ? [['Content-Type', 'application/json']] : [],
           body: withBody ? Buffer.from('{"prompt":"via an odd method"}') : undefined,
-          twoXX: submission ? 'submission' : opsRead || plainRead || docs ? 'ok' : 'never',
+          twoXX: submission ? 'submission' : opsRead || plainRead || docs || page ? 'ok' : 'never',
           json: submission ? { prompt: 'via an odd method' } : undefined,
         };
       },
@@ -626,7 +628,8 @@ const protocolFamily: fc.Arbitrary<RawRequest> = fc.oneof(
   fc
     .tuple(fc.constantFrom('/status/', '/media/', '/healthz?x=', '/'), fc.oneof(fc.string({ unit: 'binary', minLength: 1, maxLength: 20 }), fc.constantFrom(' ', 'a b', '\t', '\u0000', '\u007f', '\u0085', 'caf\u00e9', '\u{1F600}')))
     .filter(([, raw]) => /[^\x21-\x7e]/.test(raw))
-    .map(([prefix, raw]): RawRequest => ({ label: 'raw bytes in the target', method: 'GET', target: prefix + raw, headers: [], twoXX: 'never' })),
+    // Spaces alone after the target only separate it from the version ("GET /  HTTP/1.1" reads GET /): the page.
+    .map(([prefix, raw]): RawRequest => ({ label: 'raw bytes in the target', method: 'GET', target: prefix + raw, headers: [], twoXX: prefix === '/' && /^ +$/.test(raw) ? 'ok' : 'never' })),
   fc
     .tuple(
       fc.constantFrom('/generate', '/healthz'),

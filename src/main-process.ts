@@ -65,7 +65,9 @@ export async function runProcess(options: ProcessOptions): Promise<void> {
   } catch (err) {
     if (err instanceof StartupError) logger.fatal(err.message);
     else if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
-      logger.fatal(`PORT ${config.PORT} is already in use on ${config.HOST}: stop what listens there, or choose another port, e.g. PORT=${config.PORT + 1} npm start`);
+      logger.fatal(
+        `PORT ${config.PORT} is already in use on ${config.HOST}: stop what listens there, or choose another port, e.g. PORT=${config.PORT + 1} npm start`,
+      );
     } else logger.fatal({ err }, 'failed to start');
     await release?.();
     process.exit(1);

@@ -20,7 +20,11 @@ let project: string;
 beforeAll(async () => {
   project = mkdtempSync(path.join(tmpdir(), 'client-user-'));
   const packed = JSON.parse(
-    execFileSync('npm', ['pack', '--json', '--pack-destination', project], { cwd: root, encoding: 'utf8', env: { ...process.env, npm_config_update_notifier: 'false' } }),
+    execFileSync('npm', ['pack', '--json', '--pack-destination', project], {
+      cwd: root,
+      encoding: 'utf8',
+      env: { ...process.env, npm_config_update_notifier: 'false' },
+    }),
   ) as { filename: string; files: { path: string }[] }[];
   const installed = path.join(project, 'node_modules', 'media-gen-service');
   mkdirSync(installed, { recursive: true });
@@ -76,7 +80,10 @@ test('TypeScript in another project type-checks against the declarations, and th
     writeFileSync(path.join(project, 'use.ts'), source);
     writeFileSync(
       path.join(project, 'tsconfig.json'),
-      JSON.stringify({ compilerOptions: { module: 'nodenext', moduleResolution: 'nodenext', target: 'es2022', strict: true, noEmit: true, types: [] }, files: ['use.ts'] }),
+      JSON.stringify({
+        compilerOptions: { module: 'nodenext', moduleResolution: 'nodenext', target: 'es2022', strict: true, noEmit: true, types: [] },
+        files: ['use.ts'],
+      }),
     );
     return spawnSync(process.execPath, [tsc, '-p', 'tsconfig.json'], { cwd: project, encoding: 'utf8' });
   };

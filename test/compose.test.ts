@@ -7,7 +7,9 @@ import { parse } from 'yaml';
 
 const read = (file: string) => readFileSync(fileURLToPath(new URL(`../${file}`, import.meta.url)), 'utf8');
 const composeText = read('docker-compose.yml');
-const compose = parse(composeText, { merge: true }) as { services: Record<string, { build?: string; env_file?: string | string[]; environment?: Record<string, string> }> };
+const compose = parse(composeText, { merge: true }) as {
+  services: Record<string, { build?: string; env_file?: string | string[]; environment?: Record<string, string> }>;
+};
 const appServices = Object.entries(compose.services).filter(([, s]) => s.build);
 
 test('the service containers (migrate, api, worker) all read .env', () => {

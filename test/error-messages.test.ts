@@ -31,12 +31,20 @@ const post = (body: string | undefined, headers: Record<string, string> = {}) =>
 describe('parameters: the object form and the string form report the same errors', () => {
   test.each([
     ['a typo', { widht: 512 }, [{ path: '/body/parameters/widht', message: 'is not a known parameter' }]],
-    ['two unknown keys', { widht: 512, hieght: 512 }, [
-      { path: '/body/parameters/widht', message: 'is not a known parameter' },
-      { path: '/body/parameters/hieght', message: 'is not a known parameter' },
-    ]],
+    [
+      'two unknown keys',
+      { widht: 512, hieght: 512 },
+      [
+        { path: '/body/parameters/widht', message: 'is not a known parameter' },
+        { path: '/body/parameters/hieght', message: 'is not a known parameter' },
+      ],
+    ],
     ['a value out of range', { width: 10 }, [{ path: '/body/parameters/width', message: 'must be >= 64' }]],
-    ['a wrong type', { output_format: 'gif' }, [{ path: '/body/parameters/output_format', message: 'must be equal to one of the allowed values: png, webp, jpeg' }]],
+    [
+      'a wrong type',
+      { output_format: 'gif' },
+      [{ path: '/body/parameters/output_format', message: 'must be equal to one of the allowed values: png, webp, jpeg' }],
+    ],
   ])('%s', async (_name, parameters, errors) => {
     const asObject = await problem(await submit(svc.baseUrl, { prompt: 'a cat', parameters }), 400);
     const asString = await problem(await submit(svc.baseUrl, { prompt: 'a cat', parameters: JSON.stringify(parameters) }), 400);
@@ -70,10 +78,7 @@ test('every validation error has the same type, whichever layer found it', async
 
 test('not found has one type too: an unknown route, an unknown job, an unknown media file', async () => {
   const types = new Set<string>();
-  for (const res of [
-    await fetch(`${svc.baseUrl}/no-such-route`),
-    await fetch(`${svc.baseUrl}/status/00000000-0000-4000-8000-000000000000`),
-  ]) {
+  for (const res of [await fetch(`${svc.baseUrl}/no-such-route`), await fetch(`${svc.baseUrl}/status/00000000-0000-4000-8000-000000000000`)]) {
     types.add((await problem(res, 404)).type);
   }
   expect([...types]).toEqual(['urn:problem:not_found']);

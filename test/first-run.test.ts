@@ -28,7 +28,11 @@ function track<T extends ServiceProcess>(p: T): T {
 }
 
 async function submit(baseUrl: string, prompt: string): Promise<string> {
-  const res = await fetch(`${baseUrl}/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt, parameters: { width: 64, height: 64 } }) });
+  const res = await fetch(`${baseUrl}/generate`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ prompt, parameters: { width: 64, height: 64 } }),
+  });
   expect(res.status).toBe(202);
   return ((await res.json()) as { job_id: string }).job_id;
 }

@@ -80,15 +80,19 @@ test('submit a prompt, watch it run and complete, open the image full size and d
   // the gallery shows both outputs by their thumbnails
   const thumbs = page.locator(`#gallery button[data-job-id="${id}"] img`);
   await expect(thumbs.count()).resolves.toBe(2);
-  expect(await thumbs.evaluateAll((imgs) => imgs.map((i) => i.getAttribute('src')))).toEqual(done.outputs.map((o) => (o as { thumbnail_url: string }).thumbnail_url));
-  await page.waitForFunction((sel) => [...document.querySelectorAll<HTMLImageElement>(sel)].every((i) => i.complete && i.naturalWidth > 0), `#gallery button[data-job-id="${id}"] img`);
+  expect(await thumbs.evaluateAll((imgs) => imgs.map((i) => i.getAttribute('src')))).toEqual(
+    done.outputs.map((o) => (o as { thumbnail_url: string }).thumbnail_url),
+  );
+  await page.waitForFunction(`[...document.querySelectorAll('#gallery button[data-job-id="${id}"] img')].every((i) => i.complete && i.naturalWidth > 0)`);
 
   // full size in a dialog, with a download link to the image itself; Escape closes it (keyboard)
   await page.locator(`#gallery button[data-job-id="${id}"]`).first().click();
   const viewer = page.getByRole('dialog');
   await viewer.waitFor();
-  await page.waitForFunction(() => (document.getElementById('viewer-image') as HTMLImageElement).naturalWidth > 0);
-  expect(await page.locator('#viewer-image').evaluate((img: HTMLImageElement) => [img.naturalWidth, img.naturalHeight])).toEqual([256, 256]);
+  await page.waitForFunction(`document.getElementById('viewer-image').naturalWidth > 0`);
+  expect(await page.evaluate(`[document.getElementById('viewer-image').naturalWidth, document.getElementById('viewer-image').naturalHeight]`)).toEqual([
+    256, 256,
+  ]);
   const download = page.getByRole('link', { name: 'Download' });
   expect(await download.getAttribute('href')).toBe(done.outputs[0].url);
   const [file] = await Promise.all([page.waitForEvent('download'), download.click()]);
@@ -120,7 +124,7 @@ test('cancel a slow job, then run it again', async () => {
   await job(again).and(page.locator('[data-status="canceled"]')).waitFor(WAIT);
 });
 
-test("a failed job shows its error, and a retry shows the last error while it waits", async () => {
+test('a failed job shows its error, and a retry shows the last error while it waits', async () => {
   let calls = 0;
   const local = createLocalProvider({ latencyMs: 0 });
   const provider: ImageProvider = {
@@ -180,7 +184,7 @@ test('with keys required, the page says so, then works with a key kept in the br
   await job(id).and(page.locator('[data-status="completed"]')).waitFor(WAIT);
   await page.getByText('API key', { exact: true }).click(); // open the disclosure
   await page.getByRole('button', { name: 'Forget key' }).click();
-  await expect(page.evaluate(() => localStorage.length)).resolves.toBe(0);
+  await expect(page.evaluate('localStorage.length')).resolves.toBe(0);
   pageErrors.splice(0).forEach((e) => expect(e).toMatch(/401/)); // the page's requests without a key were refused, as they should be
 });
 
@@ -191,7 +195,7 @@ test('the form works from the keyboard alone', async () => {
   await page.keyboard.type('Typed, not clicked');
   for (let i = 0; i < 5; i++) await page.keyboard.press('Tab'); // size, format, seed, images, API key disclosure
   await page.keyboard.press('Tab'); // the Generate button
-  await expect(page.evaluate(() => document.activeElement?.textContent)).resolves.toBe('Generate');
+  await expect(page.evaluate('document.activeElement.textContent')).resolves.toBe('Generate');
   await page.keyboard.press('Enter');
   await page.locator('#jobs li[data-status="completed"]').waitFor(WAIT);
   const id = (await page.locator('#jobs li').first().getAttribute('data-job-id'))!;

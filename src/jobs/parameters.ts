@@ -9,18 +9,18 @@ export type ResolvedParameters = components['schemas']['ResolvedParameters'];
 
 // One validation for both forms, against the contract's schema: the request validator only sees a `oneOf`
 // (an object or a string), so its errors for `parameters` are replaced by these (see http/problem.ts).
-const parametersSchema = spec.components.schemas.GenerationParameters;
+const parametersSchema = (spec as { components: { schemas: Record<string, object> } }).components.schemas.GenerationParameters;
 const validate = new Ajv({ allErrors: true, strict: false }).compile<GenerationParameters>(parametersSchema);
 const MAX_STRING_LENGTH = 4096;
 
 /** What is wrong with a submission's `parameters` (object, JSON string or absent); empty when valid. */
 export function parameterErrors(raw: unknown): FieldError[] {
   if (raw === undefined) return [];
-  let value = raw;
+  let value: unknown = raw;
   if (typeof raw === 'string') {
     if (raw.length > MAX_STRING_LENGTH) return [{ path: '/body/parameters', message: `must NOT have more than ${MAX_STRING_LENGTH} characters` }];
     try {
-      value = JSON.parse(raw);
+      value = JSON.parse(raw) as unknown;
     } catch (err) {
       return [{ path: '/body/parameters', message: `must be a JSON object or a string of JSON: ${(err as Error).message}` }];
     }

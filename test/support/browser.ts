@@ -10,6 +10,15 @@ export async function launchChromium(): Promise<Browser> {
     headless: true,
     // As root Chromium needs --no-sandbox; the rest keeps it from calling home (this machine has no
     // network, and tests may reach only loopback).
-    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic', '--disable-dev-shm-usage'],
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--no-first-run',
+      '--disable-quic',
+      '--disable-dev-shm-usage',
+    ],
   });
 }

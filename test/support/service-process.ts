@@ -51,7 +51,7 @@ export function startServiceProcess(cwd: string, env: Record<string, string>): S
   let text = '';
   const waiters = new Set<() => void>();
   let buffer = '';
-  child.stdout!.on('data', (chunk: Buffer) => {
+  child.stdout.on('data', (chunk: Buffer) => {
     text += chunk.toString();
     buffer += chunk.toString();
     let nl: number;
@@ -66,7 +66,7 @@ export function startServiceProcess(cwd: string, env: Record<string, string>): S
       for (const wake of waiters) wake();
     }
   });
-  child.stderr!.on('data', (chunk: Buffer) => {
+  child.stderr.on('data', (chunk: Buffer) => {
     text += chunk.toString();
   });
   const exited = new Promise<number | string>((resolve) => child.on('exit', (code, signal) => resolve(code ?? signal ?? 'unknown')));

@@ -170,7 +170,8 @@ async function cancel(id) {
   try {
     jobs.set(id, await api('POST', `/jobs/${id}/cancel`));
   } catch (err) {
-    if (err.problem?.job) jobs.set(id, err.problem.job); // it had finished already
+    if (err.problem?.job)
+      jobs.set(id, err.problem.job); // it had finished already
     else notify(`Could not cancel: ${err.message}`);
   }
   render();
@@ -227,19 +228,43 @@ function renderJob(job) {
   if (job.attempts) facts.push(`attempt ${job.attempts}`);
 
   const state = [];
-  if (job.status === 'queued' && job.queue_position) state.push(el('span', { className: 'position', textContent: `position ${job.queue_position} in the queue` }));
+  if (job.status === 'queued' && job.queue_position)
+    state.push(el('span', { className: 'position', textContent: `position ${job.queue_position} in the queue` }));
   if (job.status === 'processing' && job.progress !== undefined) {
     state.push(el('progress', { max: 1, value: job.progress, ariaLabel: 'progress' }), el('span', { textContent: ` ${Math.round(job.progress * 100)}%` }));
   }
   const error = job.error ?? job.last_error;
   const actions = [];
-  if (!TERMINAL.has(job.status)) actions.push(el('button', { type: 'button', className: 'secondary', textContent: 'Cancel', dataset: { action: 'cancel', jobId: job.job_id }, onclick: () => cancel(job.job_id) }));
-  if (TERMINAL.has(job.status)) actions.push(el('button', { type: 'button', className: 'secondary', textContent: 'Run again', dataset: { action: 'again', jobId: job.job_id }, onclick: () => runAgain(job.job_id) }));
+  if (!TERMINAL.has(job.status))
+    actions.push(
+      el('button', {
+        type: 'button',
+        className: 'secondary',
+        textContent: 'Cancel',
+        dataset: { action: 'cancel', jobId: job.job_id },
+        onclick: () => cancel(job.job_id),
+      }),
+    );
+  if (TERMINAL.has(job.status))
+    actions.push(
+      el('button', {
+        type: 'button',
+        className: 'secondary',
+        textContent: 'Run again',
+        dataset: { action: 'again', jobId: job.job_id },
+        onclick: () => runAgain(job.job_id),
+      }),
+    );
 
   return el(
     'li',
     { className: `job ${job.status}`, dataset: { jobId: job.job_id, status: job.status } },
-    el('div', { className: 'job-head' }, el('span', { className: `status ${job.status}`, textContent: job.status }), el('span', { className: 'prompt', textContent: shorten(job.prompt ?? '', 120), title: job.prompt ?? '' })),
+    el(
+      'div',
+      { className: 'job-head' },
+      el('span', { className: `status ${job.status}`, textContent: job.status }),
+      el('span', { className: 'prompt', textContent: shorten(job.prompt ?? '', 120), title: job.prompt ?? '' }),
+    ),
     el('div', { className: 'job-facts', textContent: facts.join(' · ') }),
     state.length ? el('div', { className: 'job-state' }, ...state) : undefined,
     error ? el('div', { className: 'error', textContent: `${job.status === 'failed' ? 'Error' : 'Last error (will retry)'}: ${error}` }) : undefined,
@@ -260,7 +285,13 @@ function renderGallery() {
           el(
             'button',
             { type: 'button', className: 'thumb', title: `View full size: ${label}`, dataset: { jobId: job.job_id }, onclick: () => view(job, output, label) },
-            el('img', { src: output.thumbnail_url ?? output.url, alt: label, loading: 'lazy', width: 128, height: Math.round((128 * output.height) / output.width) }),
+            el('img', {
+              src: output.thumbnail_url ?? output.url,
+              alt: label,
+              loading: 'lazy',
+              width: 128,
+              height: Math.round((128 * output.height) / output.width),
+            }),
           ),
         ),
       );

@@ -100,6 +100,7 @@ async function statusUnderStreams(ctx: Context): Promise<Measure[]> {
       // Background arrivals, ~20 a second, for the whole measurement.
       let arriving = true;
       const arrivals = (async () => {
+        // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- cleared by the measurement below
         while (arriving) {
           await post();
           await sleep(50);

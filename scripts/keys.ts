@@ -76,7 +76,7 @@ async function run(db: Database): Promise<void> {
       if (!Number.isInteger(maxPriority) || maxPriority < 0 || maxPriority > 100) fail('--max-priority must be an integer 0-100');
     }
     const material = generateApiKey();
-    const key = await insertApiKey(db, { name, prefix: material.prefix, hash: material.hash, operator: values.operator ?? false, maxPriority });
+    const key = await insertApiKey(db, { name, prefix: material.prefix, hash: material.hash, operator: values.operator, maxPriority });
     console.error(`created ${show(key)}`);
     console.error('the key (shown once, store it now):');
     console.log(material.key);

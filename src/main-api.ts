@@ -1,4 +1,4 @@
 // Production entrypoint: the HTTP API only, against DATABASE_URL.
 import { requireDatabaseUrl, runProcess } from './main-process.ts';
 
-await runProcess({ role: 'api', database: async (config) => requireDatabaseUrl(config) });
+await runProcess({ role: 'api', database: (config) => Promise.resolve(requireDatabaseUrl(config)) });

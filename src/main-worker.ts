@@ -1,4 +1,4 @@
 // Production entrypoint: the worker only, against DATABASE_URL. Scale by running more of them.
 import { requireDatabaseUrl, runProcess } from './main-process.ts';
 
-await runProcess({ role: 'worker', database: async (config) => requireDatabaseUrl(config) });
+await runProcess({ role: 'worker', database: (config) => Promise.resolve(requireDatabaseUrl(config)) });

@@ -92,7 +92,7 @@ describe('without a key (ANONYMOUS_ACCESS=off)', () => {
   });
 
   test('the contract declares the bearer scheme on every operation, public ones explicitly', () => {
-    const doc = spec as { security?: unknown[]; components: { securitySchemes: Record<string, { type: string; scheme: string }> }; paths: Record<string, Record<string, { security?: unknown[] }>> };
+    const doc = spec as unknown as { security?: unknown[]; components: { securitySchemes: Record<string, { type: string; scheme: string }> }; paths: Record<string, Record<string, { security?: unknown[] }>> };
     expect(doc.components.securitySchemes.bearerAuth).toMatchObject({ type: 'http', scheme: 'bearer' });
     expect(doc.security).toEqual([{ bearerAuth: [] }]);
     const open = Object.entries(doc.paths).flatMap(([path, ops]) => Object.entries(ops).filter(([, op]) => op.security?.length === 0).map(([m]) => `${m} ${path}`));
@@ -252,7 +252,7 @@ describe('webhook deliveries are signed with the owner key\'s secret', () => {
   // Standard Webhooks verification, written out here (not the service's signing code).
   const verifies = (secret: string, d: { headers: IncomingHttpHeaders; body: string }) => {
     const key = Buffer.from(secret.slice('whsec_'.length), 'base64');
-    const expected = createHmac('sha256', key).update(`${d.headers['webhook-id']}.${d.headers['webhook-timestamp']}.${d.body}`).digest();
+    const expected = createHmac('sha256', key).update(`${String(d.headers['webhook-id'])}.${String(d.headers['webhook-timestamp'])}.${d.body}`).digest();
     return String(d.headers['webhook-signature'])
       .split(' ')
       .some((s) => {

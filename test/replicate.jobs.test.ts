@@ -123,7 +123,7 @@ test('a job that runs past its timeout is stopped and its prediction cancelled o
   expect(status.status).toBe('failed');
   expect(status.error).toMatch(/stopped|timed out/);
   const cancel = await replicate.waitForRequest((r) => r.route === 'cancel');
-  expect(cancel.path).toBe(`/v1/predictions/${status.prediction_id}/cancel`);
+  expect(cancel.path).toBe(`/v1/predictions/${String(status.prediction_id)}/cancel`);
 });
 
 test('cancelling a running job cancels its prediction on Replicate', async () => {

@@ -12,7 +12,7 @@ import swaggerUi from 'swagger-ui-express';
 import { AppError } from '../errors.ts';
 import type { JobEventHub } from '../jobs/job.events.ts';
 import { findJobOwner } from '../jobs/job.repository.ts';
-import { cancelJob, getJobStatus, listJobs, submitJob, type GenerateRequest, type JobServiceDeps, type ListQuery } from '../jobs/job.service.ts';
+import { cancelJob, getJobStatus, listJobs, submitJob, type GenerateRequest, type JobServiceDeps } from '../jobs/job.service.ts';
 import type { Logger } from '../logger.ts';
 import type { MediaStorage } from '../media/storage.ts';
 import type { Metrics } from '../metrics.ts';
@@ -112,7 +112,7 @@ export function createApp(deps: AppDeps): App {
   });
 
   app.get('/jobs', async (req, res) => {
-    res.json(await listJobs(deps.db, requirePrincipal(res), req.query as ListQuery));
+    res.json(await listJobs(deps.db, requirePrincipal(res), req.query));
   });
 
   app.get('/jobs/:job_id', async (req, res) => {

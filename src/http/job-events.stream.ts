@@ -59,7 +59,7 @@ export async function streamJobEvents(deps: StreamDeps, principal: Principal, re
       }
     });
     pumping = pumping.catch((err) => {
-      req.log?.warn({ err }, 'event stream failed');
+      req.log.warn({ err }, 'event stream failed');
       end();
     });
     return pumping;

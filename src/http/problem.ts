@@ -21,7 +21,7 @@ export interface ProblemInput extends Partial<Problem> {
   extensions?: Record<string, unknown>;
 }
 
-const titles: Record<number, string> = {
+const titles: Partial<Record<number, string>> = {
   400: 'Bad Request',
   401: 'Unauthorized',
   403: 'Forbidden',
@@ -91,7 +91,7 @@ interface HttpishError {
 
 export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
   if (res.headersSent) {
-    req.log?.warn({ err }, 'error after the response started');
+    req.log.warn({ err }, 'error after the response started');
     res.destroy();
     return;
   }
@@ -100,12 +100,12 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
     return sendProblem(res, { extensions: err.extensions, status: err.status, detail: err.message, errors: err.errors, type: `urn:problem:${err.code}` });
   }
   if (isDatabaseUnavailable(err)) {
-    req.log?.warn({ err }, 'database unavailable');
+    req.log.warn({ err }, 'database unavailable');
     res.set('Retry-After', String(RETRY_AFTER_SECONDS));
     return sendProblem(res, { status: 503, detail: 'the database is not reachable right now; retry shortly', type: 'urn:problem:unavailable' });
   }
   if (isUnstorableText(err)) {
-    req.log?.info({ err }, 'request text the database cannot store');
+    req.log.info({ err }, 'request text the database cannot store');
     return sendProblem(res, {
       status: 400,
       type: 'urn:problem:validation_failed',
@@ -142,7 +142,7 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
     if (status === 405) res.set('Allow', (err as { headers?: Record<string, string> }).headers?.Allow ?? '');
     return sendProblem(res, { status, detail, errors });
   }
-  req.log?.error({ err }, 'unhandled error');
+  req.log.error({ err }, 'unhandled error');
   sendProblem(res, { status: 500, detail: 'an unexpected error occurred; it has been logged' });
 };
 
@@ -191,7 +191,7 @@ export function answerConnect(_req: IncomingMessage, socket: Duplex): void {
 
 /** An `Expect` header other than 100-continue. */
 export function answerExpectation(_req: IncomingMessage, res: ServerResponse): void {
-  const body = JSON.stringify({ type: problemType(417), title: titles[417], status: 417, detail: 'only Expect: 100-continue is supported' } satisfies Problem);
+  const body = JSON.stringify({ type: problemType(417), title: titles[417] ?? 'Expectation Failed', status: 417, detail: 'only Expect: 100-continue is supported' } satisfies Problem);
   res.writeHead(417, { 'Content-Type': 'application/problem+json; charset=utf-8', 'Content-Length': Buffer.byteLength(body), Connection: 'close' });
   res.end(body);
 }

@@ -40,6 +40,7 @@ export function createQueuePositions(db: Database, events: JobEventHub, logger: 
       do {
         again = false;
         await Promise.all([...watched].map(([jobId, entry]) => refresh(jobId, entry)));
+        // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- set by a call made meanwhile
       } while (again);
     } catch (err) {
       logger.warn({ err }, 'queue positions could not be computed');

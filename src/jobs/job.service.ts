@@ -10,7 +10,7 @@ import { enqueueGenerate, GENERATE, type QueueConfig } from '../queue/queue.ts';
 import { checkWebhookUrl, enqueueWebhook, type WebhookConfig } from '../webhooks/webhook.service.ts';
 import * as jobs from './job.repository.ts';
 import type { JobRow, JobState } from './job.repository.ts';
-import { checkPrompt, resolveParameters, type GenerationParameters, type ResolvedParameters } from './parameters.ts';
+import { checkPrompt, resolveParameters } from './parameters.ts';
 import { toStatusView, type JobStatusView } from './job.view.ts';
 
 export type GenerateRequest = components['schemas']['GenerateRequest'];
@@ -41,7 +41,7 @@ export interface Submission {
 
 export async function submitJob(deps: JobServiceDeps, principal: Principal, request: GenerateRequest, idempotencyKey?: string): Promise<Submission> {
   checkPrompt(request.prompt);
-  const parameters = resolveParameters(request.parameters as GenerationParameters | string | undefined);
+  const parameters = resolveParameters(request.parameters);
   if (request.webhook_url) await checkWebhookUrl(request.webhook_url, deps.webhookConfig);
   const priority = request.priority ?? 0;
   if (priority > principal.maxPriority) {
@@ -95,7 +95,7 @@ const QUEUE_FULL_RETRY_AFTER_SECONDS = 5;
 /** Same request, same hash, whichever form `parameters` came in (defaults applied, keys sorted). */
 function hashRequest(job: jobs.NewJob): string {
   const sorted = (o: object) => Object.entries(o).sort(([a], [b]) => a.localeCompare(b));
-  const canonical = JSON.stringify([job.prompt, sorted(job.parameters as ResolvedParameters), job.priority, job.webhookUrl ?? null, job.webhookEventsFilter ?? null]);
+  const canonical = JSON.stringify([job.prompt, sorted(job.parameters), job.priority, job.webhookUrl ?? null, job.webhookEventsFilter ?? null]);
   return createHash('sha256').update(canonical).digest('hex');
 }
 

@@ -9,7 +9,7 @@ export type ResolvedParameters = components['schemas']['ResolvedParameters'];
 
 // One validation for both forms, against the contract's schema: the request validator only sees a `oneOf`
 // (an object or a string), so its errors for `parameters` are replaced by these (see http/problem.ts).
-const parametersSchema = (spec as { components: { schemas: Record<string, object> } }).components.schemas.GenerationParameters;
+const parametersSchema = spec.components.schemas.GenerationParameters;
 const validate = new Ajv({ allErrors: true, strict: false }).compile<GenerationParameters>(parametersSchema);
 const MAX_STRING_LENGTH = 4096;
 

@@ -6,6 +6,8 @@
 // `setScenario()`, and every request is recorded (without its Authorization header) for assertions.
 // Like Replicate, it can enforce a rate limit on prediction creates (`createLimit`: a token bucket of
 // `burst` tokens refilled at `perMinute`): a create beyond it is a 429 with `retry_after`.
+/* eslint-disable @typescript-eslint/no-base-to-string, @typescript-eslint/restrict-template-expressions -- a fake server
+   turns whatever a client sent into text on purpose, as the real one does in its messages */
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
@@ -70,7 +72,7 @@ export interface Scenario {
   /** Hold `Prefer: wait` responses at most this long (a stand-in for "n seconds" so tests run fast). */
   preferWaitCapMs?: number;
   /** How outputs are given: delivery URLs, data: URIs, or anything a function returns (sync or async). */
-  output: 'delivery' | 'data-uri' | ((ctx: OutputContext) => unknown | Promise<unknown>);
+  output: 'delivery' | 'data-uri' | ((ctx: OutputContext) => unknown); // may return a promise
   /** flux returns an array; some models a single string. */
   outputShape: 'array' | 'string';
   delivery: DeliveryBehaviour;

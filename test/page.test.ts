@@ -7,7 +7,7 @@ import type { Browser, BrowserContext, Page } from 'playwright-core';
 import { createLocalProvider } from '../src/providers/local.provider.ts';
 import { ProviderError, type ImageProvider } from '../src/providers/provider.ts';
 import { launchChromium } from './support/browser.ts';
-import { createApiKey, startTestService, submit, waitForStatus, type StatusBody, type TestService } from './support/harness.ts';
+import { createApiKey, startTestService, submit, waitFor, waitForStatus, type StatusBody, type TestService } from './support/harness.ts';
 
 const artifacts = fileURLToPath(new URL('../test-results/', import.meta.url));
 let browser: Browser;
@@ -36,6 +36,14 @@ afterEach(async () => {
   const errors = pageErrors.splice(0);
   expect(errors).toEqual([]); // no script error, no failed request the page did not expect
 });
+
+/**
+ * Waits until an expression is true in the page. Not page.waitForFunction: with a string it compiles it
+ * in the page (eval), which the page's Content-Security-Policy rightly refuses; evaluate() does not.
+ */
+async function untilTrue(page: Page, expression: string): Promise<void> {
+  await waitFor(async () => ((await page.evaluate(expression)) === true ? true : undefined), expression);
+}
 
 async function start(options: Parameters<typeof startTestService>[0] = {}): Promise<TestService> {
   const svc = await startTestService(options);
@@ -83,13 +91,13 @@ test('submit a prompt, watch it run and complete, open the image full size and d
   expect(await thumbs.evaluateAll((imgs) => imgs.map((i) => i.getAttribute('src')))).toEqual(
     done.outputs.map((o) => (o as { thumbnail_url: string }).thumbnail_url),
   );
-  await page.waitForFunction(`[...document.querySelectorAll('#gallery button[data-job-id="${id}"] img')].every((i) => i.complete && i.naturalWidth > 0)`);
+  await untilTrue(page, `[...document.querySelectorAll('#gallery button[data-job-id="${id}"] img')].every((i) => i.complete && i.naturalWidth > 0)`);
 
   // full size in a dialog, with a download link to the image itself; Escape closes it (keyboard)
   await page.locator(`#gallery button[data-job-id="${id}"]`).first().click();
   const viewer = page.getByRole('dialog');
   await viewer.waitFor();
-  await page.waitForFunction(`document.getElementById('viewer-image').naturalWidth > 0`);
+  await untilTrue(page, `document.getElementById('viewer-image').naturalWidth > 0`);
   expect(await page.evaluate(`[document.getElementById('viewer-image').naturalWidth, document.getElementById('viewer-image').naturalHeight]`)).toEqual([
     256, 256,
   ]);

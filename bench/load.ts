@@ -78,7 +78,12 @@ async function paced(spec: LoadSpec, url: URL): Promise<LoadResult> {
     new Promise<void>((resolve) => {
       const req = http.request(
         url,
-        { method: 'POST', agent, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload), ...spec.headers }, timeout: 10_000 },
+        {
+          method: 'POST',
+          agent,
+          headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload), ...spec.headers },
+          timeout: 10_000,
+        },
         (res) => {
           res.resume();
           res.on('end', () => {
@@ -152,19 +157,23 @@ async function direct(spec: LoadSpec): Promise<LoadResult> {
   const boss = new PgBoss({ connectionString: spec.target, max: 1, supervise: false, schedule: false, migrate: false });
   await boss.start();
   const templateId = randomUUID();
-  await boss.send(GENERATE, { jobId: templateId }, {
-    ...generatePolicy(config),
-    id: templateId,
-    priority: 0,
-    deadLetter: GENERATE_DEAD,
-    db: {
-      async executeSql(text: string, values?: unknown[]) {
-        capture.sql = text;
-        capture.params = values;
-        return { rows: [{ id: templateId }] };
+  await boss.send(
+    GENERATE,
+    { jobId: templateId },
+    {
+      ...generatePolicy(config),
+      id: templateId,
+      priority: 0,
+      deadLetter: GENERATE_DEAD,
+      db: {
+        async executeSql(text: string, values?: unknown[]) {
+          capture.sql = text;
+          capture.params = values;
+          return { rows: [{ id: templateId }] };
+        },
       },
     },
-  });
+  );
   await boss.stop({ graceful: false });
   const [bossJob] = JSON.parse(capture.params![0] as string) as Record<string, unknown>[];
 
@@ -175,7 +184,15 @@ async function direct(spec: LoadSpec): Promise<LoadResult> {
   const insertFor = (id: string) =>
     db
       .insertInto('jobs')
-      .values({ id, owner_id: LOCAL_PRINCIPAL_ID, prompt: spec.body.prompt, parameters: JSON.stringify(parameters), provider: 'local', idempotency_key: null, request_hash: null })
+      .values({
+        id,
+        owner_id: LOCAL_PRINCIPAL_ID,
+        prompt: spec.body.prompt,
+        parameters: JSON.stringify(parameters),
+        provider: 'local',
+        idempotency_key: null,
+        request_hash: null,
+      })
       .onConflict((oc) => oc.columns(['owner_id', 'idempotency_key']).where('idempotency_key', 'is not', null).doNothing())
       .returningAll()
       .compile();

@@ -29,7 +29,11 @@ async function makeInputs(count: number): Promise<Buffer[]> {
       const v = data[p] + ((s >>> 24) % 25) - 12;
       data[p] = v < 0 ? 0 : v > 255 ? 255 : v;
     }
-    inputs.push(await sharp(data, { raw: { width: info.width, height: info.height, channels: info.channels } }).png().toBuffer());
+    inputs.push(
+      await sharp(data, { raw: { width: info.width, height: info.height, channels: info.channels } })
+        .png()
+        .toBuffer(),
+    );
   }
   return inputs;
 }

@@ -16,16 +16,7 @@ import { startEmbeddedPostgres } from '../src/db/embedded-postgres.ts';
 import { createDatabaseFromTemplate, createTemplate, startTestPostgres, withClient } from '../test/support/postgres.ts';
 import { freePort } from '../scripts/free-port.ts';
 import { benchDir, killAllChildrenNow, stopAllChildren, summarize, type Summary } from './common.ts';
-import {
-  MemoryLog,
-  normalizeScenario,
-  pickupScenario,
-  submitScenario,
-  throughputScenario,
-  type Context,
-  type Measure,
-  type Server,
-} from './scenarios.ts';
+import { MemoryLog, normalizeScenario, pickupScenario, submitScenario, throughputScenario, type Context, type Measure, type Server } from './scenarios.ts';
 import { securityScenario } from './security.ts';
 import { fleetLimitScenario } from './fleet-limit.ts';
 import { historyScenario } from './history.ts';
@@ -53,15 +44,15 @@ const { values: flags } = parseArgs({
 });
 
 if (flags.help) {
-  console.log(`npm run bench -- [--quick] [--runs=N] [--only=${SCENARIOS.join(',')}] [--inflight=2000] [--inflight-jobs=N] [--inflight-ms=20000] [--submit-server=durable|main] [--service-env=K=V,...] [--log-level=info] [--keep]`);
+  console.log(
+    `npm run bench -- [--quick] [--runs=N] [--only=${SCENARIOS.join(',')}] [--inflight=2000] [--inflight-jobs=N] [--inflight-ms=20000] [--submit-server=durable|main] [--service-env=K=V,...] [--log-level=info] [--keep]`,
+  );
   process.exit(0);
 }
 
 const quick = flags.quick;
 const runs = Math.max(1, Math.min(9, Number(flags.runs ?? (quick ? 1 : 3))));
-const only = new Set<ScenarioName>(
-  (flags.only ? flags.only.split(',').map((s) => s.trim().replace(/^normalize$/, 'normalise')) : SCENARIOS) as ScenarioName[],
-);
+const only = new Set<ScenarioName>((flags.only ? flags.only.split(',').map((s) => s.trim().replace(/^normalize$/, 'normalise')) : SCENARIOS) as ScenarioName[]);
 for (const name of only) if (!SCENARIOS.includes(name)) throw new Error(`unknown scenario ${name}; known: ${SCENARIOS.join(', ')}`);
 // In flight: 2,000 jobs of 20 s in 2,000 slots (quick: 1,000 of 10 s).
 const inflightSlots = Number(flags.inflight ?? (quick ? 1_000 : 2_000));
@@ -134,7 +125,15 @@ function ratioOf(m: Measure): Summary | undefined {
 }
 
 const fmt = (v: number): string =>
-  !Number.isFinite(v) ? '–' : Math.abs(v) >= 1000 ? Math.round(v).toLocaleString('en') : Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2);
+  !Number.isFinite(v)
+    ? '–'
+    : Math.abs(v) >= 1000
+      ? Math.round(v).toLocaleString('en')
+      : Math.abs(v) >= 100
+        ? v.toFixed(0)
+        : Math.abs(v) >= 10
+          ? v.toFixed(1)
+          : v.toFixed(2);
 
 function fmtSummary(s: Summary | undefined, unit: string): string {
   if (!s) return '';
@@ -144,7 +143,10 @@ function fmtSummary(s: Summary | undefined, unit: string): string {
 
 function fmtRatio(m: Measure, r: Summary | undefined): string {
   if (!r) return '';
-  const spread = r.runs.length > 1 ? ` [${m.better === 'higher' && !m.ratioAsTimes ? `${(r.min * 100).toFixed(0)}–${(r.max * 100).toFixed(0)}%` : `${fmt(r.min)}–${fmt(r.max)}`}]` : '';
+  const spread =
+    r.runs.length > 1
+      ? ` [${m.better === 'higher' && !m.ratioAsTimes ? `${(r.min * 100).toFixed(0)}–${(r.max * 100).toFixed(0)}%` : `${fmt(r.min)}–${fmt(r.max)}`}]`
+      : '';
   if (m.ratioAsTimes) return `${fmt(r.median)}×${spread}`;
   if (m.better === 'higher') return `${(r.median * 100).toFixed(0)}%${spread}`;
   return `${fmt(r.median)}× better${spread}`;
@@ -209,7 +211,10 @@ function printTable(rows: Row[], header: string[]): void {
   const targets = rows.filter((r) => r.pass !== undefined);
   console.log('');
   console.log(`targets: ${targets.filter((r) => r.pass).length} of ${targets.length} hold`);
-  for (const r of targets) console.log(`  ${r.pass ? 'PASS' : 'MISS'}  ${r.scenario}: ${r.metric} — ${r.target} (ours ${fmt(r.ours.median)} ${r.unit}${r.ratio ? `, ratio ${r.ratioText.split(' [')[0]}` : ''})`);
+  for (const r of targets)
+    console.log(
+      `  ${r.pass ? 'PASS' : 'MISS'}  ${r.scenario}: ${r.metric} — ${r.target} (ours ${fmt(r.ours.median)} ${r.unit}${r.ratio ? `, ratio ${r.ratioText.split(' [')[0]}` : ''})`,
+    );
 }
 
 let failed = false;
@@ -283,7 +288,13 @@ try {
     `machine: ${availableParallelism()} cores (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 2 ** 30).toFixed(0)} GB, Node ${process.versions.node}`,
     `Postgres, submit: ${durable.description}`,
     `Postgres, other scenarios: ${mainServer.description}`,
-    ...(Object.keys(ctx.serviceEnv).length ? [`service processes ran with ${Object.entries(ctx.serviceEnv).map(([k, v]) => `${k}=${v}`).join(' ')}`] : []),
+    ...(Object.keys(ctx.serviceEnv).length
+      ? [
+          `service processes ran with ${Object.entries(ctx.serviceEnv)
+            .map(([k, v]) => `${k}=${v}`)
+            .join(' ')}`,
+        ]
+      : []),
   ];
   printTable(rows, header);
   if (scenarioErrors.length) {
@@ -302,7 +313,13 @@ try {
         seconds: (Date.now() - started) / 1000,
         mode: quick ? 'quick' : 'full',
         runs,
-        machine: { cores: availableParallelism(), cpu: cpus()[0]?.model, memoryGb: totalmem() / 2 ** 30, node: process.versions.node, platform: process.platform },
+        machine: {
+          cores: availableParallelism(),
+          cpu: cpus()[0]?.model,
+          memoryGb: totalmem() / 2 ** 30,
+          node: process.versions.node,
+          platform: process.platform,
+        },
         postgres: { submit: durable.description, other: mainServer.description },
         header,
         rows,

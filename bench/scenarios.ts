@@ -90,7 +90,11 @@ async function startBareWorker(ctx: Context, url: string, env: Record<string, st
  * Runs a load child to completion. Returns its result, its peak RSS, and the CPU time `watchPid` (the
  * process under test) used per request during the measured phase (after the warm-up).
  */
-export async function runLoad(ctx: Context, spec: LoadSpec, watchPid?: number): Promise<{ result: LoadResult; peakRssMb: number; watchedCpuMsPerRequest: number }> {
+export async function runLoad(
+  ctx: Context,
+  spec: LoadSpec,
+  watchPid?: number,
+): Promise<{ result: LoadResult; peakRssMb: number; watchedCpuMsPerRequest: number }> {
   const child = forkChild('./load.ts', { logFile: path.join(ctx.tmp, 'load.log'), env: { BENCH_LOAD: JSON.stringify(spec) } });
   const result = waitForMessage<LoadResult>(child, 'result', (spec.durationSeconds + (spec.warmupSeconds ?? 0) + 60) * 1000);
   result.catch(() => {});
@@ -123,7 +127,15 @@ export async function submitScenario(ctx: Context, memory: MemoryLog): Promise<M
   const poolMax = 10; // DATABASE_POOL_MAX default, for the API and the baseline alike
   const seconds = ctx.quick ? 2 : 6;
   const warmup = ctx.quick ? 1 : 2;
-  const ours = { rps: [] as number[], p50: [] as number[], p99: [] as number[], halfRate: [] as number[], halfP50: [] as number[], halfP99: [] as number[], cpu: [] as number[] };
+  const ours = {
+    rps: [] as number[],
+    p50: [] as number[],
+    p99: [] as number[],
+    halfRate: [] as number[],
+    halfP50: [] as number[],
+    halfP99: [] as number[],
+    cpu: [] as number[],
+  };
   const base = { rps: [] as number[], p50: [] as number[], p99: [] as number[], cpu: [] as number[] };
 
   for (let run = 0; run < ctx.runs; run++) {
@@ -135,7 +147,11 @@ export async function submitScenario(ctx: Context, memory: MemoryLog): Promise<M
           memory.add('api', 'idle', await idleRss(api.pid, ctx.quick ? 500 : 1000), 'API at idle');
           const target = `http://127.0.0.1:${api.port}`;
           const apiRss = peakRss(api.pid);
-          const { result, watchedCpuMsPerRequest } = await runLoad(ctx, { kind: 'http', target, connections, durationSeconds: seconds, warmupSeconds: warmup, body }, api.pid);
+          const { result, watchedCpuMsPerRequest } = await runLoad(
+            ctx,
+            { kind: 'http', target, connections, durationSeconds: seconds, warmupSeconds: warmup, body },
+            api.pid,
+          );
           memory.add('api', 'submit peak load', apiRss.stop(), 'API under submit load (peak)');
           ours.cpu.push(watchedCpuMsPerRequest);
           if (result.errors > 0) ctx.log(`  submit: ${result.errors} non-202 responses or errors at peak`);
@@ -146,13 +162,23 @@ export async function submitScenario(ctx: Context, memory: MemoryLog): Promise<M
           ours.halfRate.push(half.perSecond);
           ours.halfP50.push(half.p50);
           ours.halfP99.push(half.p99);
-          ctx.log(`  run ${run + 1}: API ${result.perSecond.toFixed(0)} req/s p50 ${result.p50.toFixed(1)} p99 ${result.p99.toFixed(1)} ms; at ${half.perSecond.toFixed(0)} req/s p99 ${half.p99.toFixed(1)} ms`);
+          ctx.log(
+            `  run ${run + 1}: API ${result.perSecond.toFixed(0)} req/s p50 ${result.p50.toFixed(1)} p99 ${result.p99.toFixed(1)} ms; at ${half.perSecond.toFixed(0)} req/s p99 ${half.p99.toFixed(1)} ms`,
+          );
         } finally {
           await stopChild(api.child);
         }
       };
       const doBase = async () => {
-        const { result, peakRssMb } = await runLoad(ctx, { kind: 'pg', target: db.url, connections, poolMax, durationSeconds: seconds, warmupSeconds: warmup, body });
+        const { result, peakRssMb } = await runLoad(ctx, {
+          kind: 'pg',
+          target: db.url,
+          connections,
+          poolMax,
+          durationSeconds: seconds,
+          warmupSeconds: warmup,
+          body,
+        });
         memory.addBaseline('api', 'submit peak load', peakRssMb);
         base.cpu.push(result.cpuMsPerRequest ?? NaN);
         base.rps.push(result.perSecond);
@@ -263,7 +289,10 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
       for (const q of queues) await bench.boss.createQueue(q); // pg-boss defaults: no notify
 
       const doOurs = async () => {
-        const [worker, api] = await Promise.all([startServiceChild(ctx, 'worker', db.url, { BENCH_REPORT_STARTS: '1' }), startServiceChild(ctx, 'api', db.url)]);
+        const [worker, api] = await Promise.all([
+          startServiceChild(ctx, 'worker', db.url, { BENCH_REPORT_STARTS: '1' }),
+          startServiceChild(ctx, 'api', db.url),
+        ]);
         try {
           memory.add('worker', 'idle', await idleRss(worker.pid, ctx.quick ? 500 : 1000), 'worker at idle');
           const handlers = startCollector(worker.child, 'handler');
@@ -369,7 +398,9 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
           base.p50.push(percentile(latencies, 50));
           base.p99.push(percentile(latencies, 99));
           base.max.push(Math.max(...latencies));
-          ctx.log(`  run ${run + 1}: polling p50 ${percentile(latencies, 50).toFixed(0)} p99 ${percentile(latencies, 99).toFixed(0)} ms (${latencies.length} jobs)`);
+          ctx.log(
+            `  run ${run + 1}: polling p50 ${percentile(latencies, 50).toFixed(0)} p99 ${percentile(latencies, 99).toFixed(0)} ms (${latencies.length} jobs)`,
+          );
         } finally {
           await stopChild(worker.child);
         }
@@ -392,7 +423,14 @@ export async function pickupScenario(ctx: Context, memory: MemoryLog): Promise<M
       target: { text: '≤ 5 ms', check: (o) => o <= 5 },
       note: 'jobs.created_at (the submit transaction) → jobs.started_at (the attempt transaction, status processing), both on the database clock; one job at a time, the service idle in between.',
     },
-    { scenario: 'pickup', metric: 'created → started p99', unit: 'ms', ours: ours.startedP99, better: 'lower', target: { text: '≤ 15 ms', check: (o) => o <= 15 } },
+    {
+      scenario: 'pickup',
+      metric: 'created → started p99',
+      unit: 'ms',
+      ours: ours.startedP99,
+      better: 'lower',
+      target: { text: '≤ 15 ms', check: (o) => o <= 15 },
+    },
     { scenario: 'pickup', metric: 'created → started max', unit: 'ms', ours: ours.startedMax, better: 'lower' },
     { scenario: 'pickup', metric: 'created → generate() called p50', unit: 'ms', ours: ours.runningP50, better: 'lower' },
     { scenario: 'pickup', metric: 'created → generate() called p99', unit: 'ms', ours: ours.runningP99, better: 'lower' },
@@ -523,9 +561,16 @@ export async function throughputScenario(ctx: Context, memory: MemoryLog): Promi
       const doPlain = async () => {
         const mediaDir = mkdtempSync(path.join(ctx.tmp, 'media-plain-'));
         const spec: PipelineSpec = { count, concurrency, capSeconds, mediaDir, ...image64 };
-        const child = forkChild('./pipeline-baseline.ts', { logFile: path.join(ctx.tmp, 'pipeline-baseline.log'), env: { BENCH_PIPELINE: JSON.stringify(spec) } });
+        const child = forkChild('./pipeline-baseline.ts', {
+          logFile: path.join(ctx.tmp, 'pipeline-baseline.log'),
+          env: { BENCH_PIPELINE: JSON.stringify(spec) },
+        });
         try {
-          const r = await waitForMessage<{ done: number; perSecond: number; cpuMsPerImage: number; capped: boolean }>(child, 'result', (capSeconds + 60) * 1000);
+          const r = await waitForMessage<{ done: number; perSecond: number; cpuMsPerImage: number; capped: boolean }>(
+            child,
+            'result',
+            (capSeconds + 60) * 1000,
+          );
           if (r.capped) capped.push(`run ${run + 1}: plain loop ${r.done.toLocaleString('en')} in the cap`);
           plain.push(r.perSecond);
           plainCpu.push(r.cpuMsPerImage);
@@ -578,7 +623,16 @@ export async function throughputScenario(ctx: Context, memory: MemoryLog): Promi
       ratioAsTimes: true,
       note: 'CPU (user+system) of the worker process from ready to drained, per job completed in that time; Postgres CPU not included.',
     },
-    { scenario: 'throughput', metric: 'worker CPU per job, reference', unit: 'ms', ours: oursCpu, baseline: noopCpu, baselineLabel: 'bare pg-boss no-op worker', better: 'lower', ratioAsTimes: true },
+    {
+      scenario: 'throughput',
+      metric: 'worker CPU per job, reference',
+      unit: 'ms',
+      ours: oursCpu,
+      baseline: noopCpu,
+      baselineLabel: 'bare pg-boss no-op worker',
+      better: 'lower',
+      ratioAsTimes: true,
+    },
     { scenario: 'throughput', metric: 'bulk enqueue (row + pg-boss job, 500 per tx)', unit: 'jobs/s', ours: enqueueRates, better: 'higher' },
   ];
 }
@@ -593,7 +647,11 @@ export async function normalizeScenario(ctx: Context): Promise<Measure[]> {
   const spec = { rounds: ctx.runs, imagesPerRound: ctx.quick ? 20 : 120 };
   const child = forkChild('./normalize-bench.ts', { logFile: path.join(ctx.tmp, 'normalize.log'), env: { BENCH_NORMALIZE: JSON.stringify(spec) } });
   try {
-    const out = await waitForMessage<{ cores: number; parallel: number; results: { format: string; ours: number; direct: number }[] }>(child, 'result', 300_000);
+    const out = await waitForMessage<{ cores: number; parallel: number; results: { format: string; ours: number; direct: number }[] }>(
+      child,
+      'result',
+      300_000,
+    );
     ctx.log(`  ${out.cores} cores, ${out.parallel} images at a time`);
     return (['png', 'webp'] as const).map((format) => {
       const rows = out.results.filter((r) => r.format === format);
@@ -647,9 +705,7 @@ export class MemoryLog {
       metric: `${e.process} RSS, ${e.phase}`,
       unit: 'MB',
       ours: e.ours,
-      ...(e.baseline.length
-        ? { baseline: e.baseline, baselineLabel: e.process === 'api' ? 'direct-pg load process' : 'bare pg-boss worker' }
-        : {}),
+      ...(e.baseline.length ? { baseline: e.baseline, baselineLabel: e.process === 'api' ? 'direct-pg load process' : 'bare pg-boss worker' } : {}),
       better: 'lower' as const,
       ratioAsTimes: true,
     }));

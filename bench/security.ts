@@ -56,7 +56,9 @@ async function submitWithKeys(ctx: Context): Promise<Measure[]> {
           const { result } = await runLoad(ctx, { kind: 'http', target, connections, durationSeconds: seconds, warmupSeconds: warmup, body, headerSets });
           if (result.errors > 0) ctx.log(`  ${variant}: ${result.errors} non-202 responses`);
           variants[variant].push(result.perSecond);
-          ctx.log(`  run ${run + 1}: keys ${variant === 'off' ? 'off' : variant === 'many' ? `on, ${CLIENTS} keys` : 'on, 1 key'}: ${result.perSecond.toFixed(0)} req/s p50 ${result.p50.toFixed(1)} p99 ${result.p99.toFixed(1)} ms`);
+          ctx.log(
+            `  run ${run + 1}: keys ${variant === 'off' ? 'off' : variant === 'many' ? `on, ${CLIENTS} keys` : 'on, 1 key'}: ${result.perSecond.toFixed(0)} req/s p50 ${result.p50.toFixed(1)} p99 ${result.p99.toFixed(1)} ms`,
+          );
         } finally {
           await stopChild(api.child);
         }
@@ -64,12 +66,21 @@ async function submitWithKeys(ctx: Context): Promise<Measure[]> {
         await db.drop();
       }
     };
-    await alternate(run, () => measure('many'), () => measure('off'));
+    await alternate(
+      run,
+      () => measure('many'),
+      () => measure('off'),
+    );
     await measure('one');
   }
   const off = { baseline: variants.off, baselineLabel: 'keys off (anonymous local)', better: 'higher' as const, unit: 'req/s', scenario: 'security' };
   return [
-    { ...off, metric: `submit with keys on, ${CLIENTS} keys × ${connections / CLIENTS} connections`, ours: variants.many, target: { text: '≥ 90% of keys off', check: (_o: number, r: number | undefined) => r !== undefined && r >= 0.9 } },
+    {
+      ...off,
+      metric: `submit with keys on, ${CLIENTS} keys × ${connections / CLIENTS} connections`,
+      ours: variants.many,
+      target: { text: '≥ 90% of keys off', check: (_o: number, r: number | undefined) => r !== undefined && r >= 0.9 },
+    },
     {
       ...off,
       metric: `submit with keys on, 1 key × ${connections} connections`,
@@ -95,7 +106,12 @@ async function statusUnderStreams(ctx: Context): Promise<Measure[]> {
     const api = await startServiceChild(ctx, 'api', db.url, {});
     try {
       const target = `http://127.0.0.1:${api.port}`;
-      const post = async () => ((await (await fetch(`${target}/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) })).json()) as { job_id: string }).job_id;
+      const post = async () =>
+        (
+          (await (
+            await fetch(`${target}/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) })
+          ).json()) as { job_id: string }
+        ).job_id;
       const watched = await post();
       // Background arrivals, ~20 a second, for the whole measurement.
       let arriving = true;

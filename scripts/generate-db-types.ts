@@ -15,8 +15,19 @@ const pg = await startEmbeddedPostgres({ dataDir: path.join(dir, 'data'), port: 
 let status = 0;
 try {
   await migrate(pg.url);
-  const args = ['kysely-codegen', '--dialect', 'postgres', '--url', pg.url, '--out-file', 'src/db/types.ts',
-    '--exclude-pattern', 'pgmigrations', '--default-schema', 'public'];
+  const args = [
+    'kysely-codegen',
+    '--dialect',
+    'postgres',
+    '--url',
+    pg.url,
+    '--out-file',
+    'src/db/types.ts',
+    '--exclude-pattern',
+    'pgmigrations',
+    '--default-schema',
+    'public',
+  ];
   if (check) args.push('--verify');
   execFileSync('npx', args, { stdio: 'inherit' });
 } catch (err) {

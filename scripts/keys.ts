@@ -25,7 +25,12 @@ const { positionals, values } = (() => {
   try {
     return parseArgs({
       allowPositionals: true,
-      options: { name: { type: 'string' }, operator: { type: 'boolean', default: false }, 'max-priority': { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      options: {
+        name: { type: 'string' },
+        operator: { type: 'boolean', default: false },
+        'max-priority': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
     });
   } catch (err) {
     return fail(`${(err as Error).message}\n${USAGE}`);
@@ -60,7 +65,11 @@ async function openDatabase(): Promise<{ url: string; release: () => Promise<voi
 }
 
 function show(key: ApiKeySummary): string {
-  const flags = [key.operator ? 'operator' : '', key.max_priority !== null ? `max-priority ${key.max_priority}` : '', key.revoked_at ? `REVOKED ${key.revoked_at.toISOString()}` : '']
+  const flags = [
+    key.operator ? 'operator' : '',
+    key.max_priority !== null ? `max-priority ${key.max_priority}` : '',
+    key.revoked_at ? `REVOKED ${key.revoked_at.toISOString()}` : '',
+  ]
     .filter(Boolean)
     .join(', ');
   return `${key.id}  ${key.prefix}…  ${key.name}  (created ${key.created_at.toISOString()}${flags ? `; ${flags}` : ''})`;

@@ -55,7 +55,22 @@ export class AppError extends Error {
 export function isDatabaseUnavailable(err: unknown): boolean {
   const e = err as { code?: string; message?: string } | undefined;
   if (!e) return false;
-  const codes = ['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EPIPE', '57P01', '57P02', '57P03', '53300', '08000', '08003', '08006', '08001', '08004'];
+  const codes = [
+    'ECONNREFUSED',
+    'ECONNRESET',
+    'ETIMEDOUT',
+    'ENOTFOUND',
+    'EPIPE',
+    '57P01',
+    '57P02',
+    '57P03',
+    '53300',
+    '08000',
+    '08003',
+    '08006',
+    '08001',
+    '08004',
+  ];
   if (e.code && codes.includes(e.code)) return true;
   return /Connection terminated|connection timeout|timeout exceeded when trying to connect|Client has encountered a connection error|the database system is (starting up|shutting down)|Connection refused/i.test(
     e.message ?? '',
@@ -77,5 +92,5 @@ export function isTransientDatabaseError(err: unknown): boolean {
  */
 export function isUnstorableText(err: unknown): boolean {
   const code = (err as { code?: string } | undefined)?.code;
-  return code === '22021' /* character_not_in_repertoire */ || code === '22P05' /* untranslatable_character */;
+  return code === '22021' /* character_not_in_repertoire */ || code === '22P05'; /* untranslatable_character */
 }

@@ -25,13 +25,45 @@ export function createMetrics(): Metrics {
   collectDefaultMetrics({ register: registry, prefix: 'media_' });
   return {
     registry,
-    pickupSeconds: new Histogram({ name: 'media_job_pickup_seconds', help: 'Time from submission to the first attempt starting', buckets: latencyBuckets, registers: [registry] }),
-    jobSeconds: new Histogram({ name: 'media_job_duration_seconds', help: 'Time from the first attempt starting to the job finishing', labelNames: ['status'], buckets: durationBuckets, registers: [registry] }),
-    providerSeconds: new Histogram({ name: 'media_provider_duration_seconds', help: 'Time one provider call took', labelNames: ['provider', 'outcome'], buckets: durationBuckets, registers: [registry] }),
-    providerErrors: new Counter({ name: 'media_provider_errors_total', help: 'Failed attempts by provider and kind (retryable, permanent, aborted, internal)', labelNames: ['provider', 'kind'], registers: [registry] }),
+    pickupSeconds: new Histogram({
+      name: 'media_job_pickup_seconds',
+      help: 'Time from submission to the first attempt starting',
+      buckets: latencyBuckets,
+      registers: [registry],
+    }),
+    jobSeconds: new Histogram({
+      name: 'media_job_duration_seconds',
+      help: 'Time from the first attempt starting to the job finishing',
+      labelNames: ['status'],
+      buckets: durationBuckets,
+      registers: [registry],
+    }),
+    providerSeconds: new Histogram({
+      name: 'media_provider_duration_seconds',
+      help: 'Time one provider call took',
+      labelNames: ['provider', 'outcome'],
+      buckets: durationBuckets,
+      registers: [registry],
+    }),
+    providerErrors: new Counter({
+      name: 'media_provider_errors_total',
+      help: 'Failed attempts by provider and kind (retryable, permanent, aborted, internal)',
+      labelNames: ['provider', 'kind'],
+      registers: [registry],
+    }),
     retries: new Counter({ name: 'media_job_retries_total', help: 'Attempts that were retries of an earlier one', registers: [registry] }),
-    jobsFinished: new Counter({ name: 'media_jobs_finished_total', help: 'Jobs this process finished, by final status', labelNames: ['status'], registers: [registry] }),
-    webhookDeliveries: new Counter({ name: 'media_webhook_deliveries_total', help: 'Webhook delivery calls by outcome (delivered, failed, refused, deferred, skipped)', labelNames: ['outcome'], registers: [registry] }),
+    jobsFinished: new Counter({
+      name: 'media_jobs_finished_total',
+      help: 'Jobs this process finished, by final status',
+      labelNames: ['status'],
+      registers: [registry],
+    }),
+    webhookDeliveries: new Counter({
+      name: 'media_webhook_deliveries_total',
+      help: 'Webhook delivery calls by outcome (delivered, failed, refused, deferred, skipped)',
+      labelNames: ['outcome'],
+      registers: [registry],
+    }),
   };
 }
 

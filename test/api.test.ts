@@ -94,7 +94,11 @@ describe('GET /status/{job_id}', () => {
     const text = await (await fetch(`${svc.baseUrl}/status/${job_id}`)).text();
     expect(text).toMatch(new RegExp(`^\\{"job_id":"${job_id}","status":"completed","result_url":"/media/${job_id}-1-[0-9a-f]{32}\\.png"`));
     const body = JSON.parse(text);
-    expect(body).toMatchObject({ attempts: 1, provider: 'local', outputs: [{ url: expect.stringMatching(mediaPath(job_id, 1, 'png')), width: 512, height: 512, format: 'png' }] });
+    expect(body).toMatchObject({
+      attempts: 1,
+      provider: 'local',
+      outputs: [{ url: expect.stringMatching(mediaPath(job_id, 1, 'png')), width: 512, height: 512, format: 'png' }],
+    });
     expect(Date.parse(body.created_at)).toBeLessThanOrEqual(Date.parse(body.finished_at));
     expect(body).not.toHaveProperty('error');
   });
@@ -138,7 +142,9 @@ describe('a job end to end', () => {
 
   test('the same prompt and seed give the same pixels', async () => {
     const body = { prompt: 'deterministic', parameters: { seed: 1234, width: 96, height: 96 } };
-    const ids = await Promise.all([submit(svc.baseUrl, body), submit(svc.baseUrl, body)].map(async (p) => ((await (await p).json()) as { job_id: string }).job_id));
+    const ids = await Promise.all(
+      [submit(svc.baseUrl, body), submit(svc.baseUrl, body)].map(async (p) => ((await (await p).json()) as { job_id: string }).job_id),
+    );
     const images = await Promise.all(
       ids.map(async (id) => {
         const s = await waitForStatus(svc.baseUrl, id, ['completed']);

@@ -92,10 +92,18 @@ describe('without a key (ANONYMOUS_ACCESS=off)', () => {
   });
 
   test('the contract declares the bearer scheme on every operation, public ones explicitly', () => {
-    const doc = spec as unknown as { security?: unknown[]; components: { securitySchemes: Record<string, { type: string; scheme: string }> }; paths: Record<string, Record<string, { security?: unknown[] }>> };
+    const doc = spec as unknown as {
+      security?: unknown[];
+      components: { securitySchemes: Record<string, { type: string; scheme: string }> };
+      paths: Record<string, Record<string, { security?: unknown[] }>>;
+    };
     expect(doc.components.securitySchemes.bearerAuth).toMatchObject({ type: 'http', scheme: 'bearer' });
     expect(doc.security).toEqual([{ bearerAuth: [] }]);
-    const open = Object.entries(doc.paths).flatMap(([path, ops]) => Object.entries(ops).filter(([, op]) => op.security?.length === 0).map(([m]) => `${m} ${path}`));
+    const open = Object.entries(doc.paths).flatMap(([path, ops]) =>
+      Object.entries(ops)
+        .filter(([, op]) => op.security?.length === 0)
+        .map(([m]) => `${m} ${path}`),
+    );
     expect(open.sort()).toEqual(['get /docs', 'get /healthz', 'get /openapi.yaml', 'get /readyz']);
   });
 });
@@ -207,7 +215,11 @@ describe('isolation: another key gets 404 for everything of alice', () => {
     expect(res.status).toBe(202); // not alice's 422 (a different body) nor alice's job
     const bobs = ((await res.json()) as { job_id: string }).job_id;
     expect(bobs).not.toBe(jobId);
-    const again = await submit(svc.baseUrl, { prompt: 'alice private', parameters: { width: 64, height: 64 } }, { ...bearer(alice), 'idempotency-key': 'alice-order-1' });
+    const again = await submit(
+      svc.baseUrl,
+      { prompt: 'alice private', parameters: { width: 64, height: 64 } },
+      { ...bearer(alice), 'idempotency-key': 'alice-order-1' },
+    );
     expect(again.status).toBe(200);
     expect(((await again.json()) as { job_id: string }).job_id).toBe(jobId);
   });
@@ -220,7 +232,7 @@ describe('isolation: another key gets 404 for everything of alice', () => {
     expect(new Set([a1, b, o]).size).toBe(3); // an operator too gets only its own
   });
 
-  test('an operator sees and may cancel everyone\'s jobs', async () => {
+  test("an operator sees and may cancel everyone's jobs", async () => {
     expect((await fetch(`${svc.baseUrl}/status/${jobId}`, { headers: bearer(ops) })).status).toBe(200);
     const all = (await (await fetch(`${svc.baseUrl}/jobs?limit=100`, { headers: bearer(ops) })).json()) as { jobs: { job_id: string }[] };
     expect(all.jobs.map((j) => j.job_id)).toContain(jobId);
@@ -231,7 +243,7 @@ describe('isolation: another key gets 404 for everything of alice', () => {
   });
 });
 
-describe('webhook deliveries are signed with the owner key\'s secret', () => {
+describe("webhook deliveries are signed with the owner key's secret", () => {
   let receiver: Server;
   const received: { headers: IncomingHttpHeaders; body: string }[] = [];
   beforeAll(async () => {
@@ -252,7 +264,9 @@ describe('webhook deliveries are signed with the owner key\'s secret', () => {
   // Standard Webhooks verification, written out here (not the service's signing code).
   const verifies = (secret: string, d: { headers: IncomingHttpHeaders; body: string }) => {
     const key = Buffer.from(secret.slice('whsec_'.length), 'base64');
-    const expected = createHmac('sha256', key).update(`${String(d.headers['webhook-id'])}.${String(d.headers['webhook-timestamp'])}.${d.body}`).digest();
+    const expected = createHmac('sha256', key)
+      .update(`${String(d.headers['webhook-id'])}.${String(d.headers['webhook-timestamp'])}.${d.body}`)
+      .digest();
     return String(d.headers['webhook-signature'])
       .split(' ')
       .some((s) => {
@@ -273,7 +287,7 @@ describe('webhook deliveries are signed with the owner key\'s secret', () => {
   });
 });
 
-describe('priority above a key\'s maximum is refused', () => {
+describe("priority above a key's maximum is refused", () => {
   test('an ordinary key: above KEY_MAX_PRIORITY (10) is a 400 naming /body/priority; at it, accepted', async () => {
     const res = await submit(svc.baseUrl, { prompt: 'urgent', priority: 11 }, bearer(alice));
     const body = (await expectProblem(res, 400)) as { errors?: { path: string }[] };

@@ -42,7 +42,8 @@ describe('.env.example', () => {
       if (!configKeys.includes(key)) continue; // reported by the test above
       if (value === '') {
         // shown empty: the variable has no default (it is unset unless given)
-        if (defaults[key as keyof typeof defaults] !== undefined) wrong.push(`${key} is shown empty but defaults to ${JSON.stringify(defaults[key as keyof typeof defaults])}`);
+        if (defaults[key as keyof typeof defaults] !== undefined)
+          wrong.push(`${key} is shown empty but defaults to ${JSON.stringify(defaults[key as keyof typeof defaults])}`);
         continue;
       }
       const shown = parseConfig({ [key]: value })[key as keyof typeof defaults];

@@ -220,7 +220,10 @@ describe('GET /jobs/{id}/events', () => {
     expect(progress.every((p) => p > 0 && p < 1)).toBe(true);
     expect(new Set(progress).size).toBe(progress.length);
     const last = events.at(-1)!;
-    expect(last).toMatchObject({ event: 'status', data: { status: 'completed', job: { job_id: id, status: 'completed', result_url: expect.stringMatching(mediaPath(id, 1, 'png')) } } });
+    expect(last).toMatchObject({
+      event: 'status',
+      data: { status: 'completed', job: { job_id: id, status: 'completed', result_url: expect.stringMatching(mediaPath(id, 1, 'png')) } },
+    });
     expect(data.map((d) => d.seq)).toEqual(data.map((_, i) => i + 1)); // every change, in order, once
 
     const resumed = await openSse(`${svc.baseUrl}/jobs/${id}/events`, { 'last-event-id': '2' });
@@ -258,7 +261,10 @@ describe('outputs and metrics', () => {
     const { data } = await api.POST('/generate', { body: { prompt: 'thumbs', parameters: { width: 1024, height: 512, num_outputs: 2 } } });
     const done = await waitForStatus(svc.baseUrl, data!.job_id, ['completed']);
     const thumbs = done.outputs.map((o) => (o as { thumbnail_url?: string }).thumbnail_url);
-    expect(thumbs).toEqual([expect.stringMatching(mediaPath(data!.job_id, 1, 'thumb.webp')), expect.stringMatching(mediaPath(data!.job_id, 1, 'thumb.webp', 1))]);
+    expect(thumbs).toEqual([
+      expect.stringMatching(mediaPath(data!.job_id, 1, 'thumb.webp')),
+      expect.stringMatching(mediaPath(data!.job_id, 1, 'thumb.webp', 1)),
+    ]);
     expect(thumbs[0]).toBe(done.outputs[0].url.replace(/\.png$/, '.thumb.webp'));
     const thumb = await fetch(`${svc.baseUrl}${thumbs[0]}`);
     expect(thumb.headers.get('content-type')).toBe('image/webp');

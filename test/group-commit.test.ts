@@ -52,7 +52,7 @@ test('a transient failure is retried until the write lands', async () => {
   expect(calls).toBe(4);
 });
 
-test('retrying stops when the item\'s signal aborts', async () => {
+test("retrying stops when the item's signal aborts", async () => {
   const commit = groupCommit<string, string>(() => Promise.reject(new Transient('database down')), options);
   const controller = new AbortController();
   const result = commit('x', controller.signal);

@@ -101,7 +101,11 @@ function sendRaw(port: number, req: RawRequest): Promise<RawResponse> {
       const data = Buffer.concat(chunks);
       const parsed = parseResponse(data, req.method);
       if (parsed) return resolve(parsed);
-      reject(new Error(`${req.label}: no complete response (${err ? String(err) : 'connection closed'}; got ${JSON.stringify(data.subarray(0, 200).toString('latin1'))})`));
+      reject(
+        new Error(
+          `${req.label}: no complete response (${err ? String(err) : 'connection closed'}; got ${JSON.stringify(data.subarray(0, 200).toString('latin1'))})`,
+        ),
+      );
     };
     const timer = setTimeout(() => finish(new Error(`no answer within ${REQUEST_TIMEOUT_MS} ms`)), REQUEST_TIMEOUT_MS);
     socket.on('data', (d) => {
@@ -176,7 +180,8 @@ interface Accepted {
 const accepted: Accepted[] = [];
 
 function check(req: RawRequest, res: RawResponse): void {
-  const where = () => `${req.label}\n  request: ${req.method} ${JSON.stringify(req.target).slice(0, 300)} headers=${JSON.stringify(req.headers).slice(0, 300)} body=${JSON.stringify(req.body?.subarray(0, 300).toString('utf8') ?? null)}\n  answer: ${res.status} ${res.headers.get('content-type')} ${JSON.stringify(res.body.subarray(0, 300).toString('utf8'))}`;
+  const where = () =>
+    `${req.label}\n  request: ${req.method} ${JSON.stringify(req.target).slice(0, 300)} headers=${JSON.stringify(req.headers).slice(0, 300)} body=${JSON.stringify(req.body?.subarray(0, 300).toString('utf8') ?? null)}\n  answer: ${res.status} ${res.headers.get('content-type')} ${JSON.stringify(res.body.subarray(0, 300).toString('utf8'))}`;
   const fail = (why: string): never => {
     throw new Error(`${why}\n${where()}`);
   };
@@ -221,14 +226,29 @@ function check(req: RawRequest, res: RawResponse): void {
   } catch {
     return fail('a problem+json answer whose body is not JSON');
   }
-  if (typeof problem.type !== 'string' || typeof problem.title !== 'string' || problem.status !== res.status) fail('a problem without type, title and the status');
+  if (typeof problem.type !== 'string' || typeof problem.title !== 'string' || problem.status !== res.status)
+    fail('a problem without type, title and the status');
 }
 
 // --- generators ---------------------------------------------------------------------------------------
 
 const MAX_BODY = 64 * 1024; // MAX_BODY_BYTES (the default; the service below runs with it)
 
-const blankish = ['', ' ', '   \n\t ', '\r\n', '\u00a0', '\u2003\u2009', '\u3000', '\ufeff', '\u200b', '\u200b\u200c\u200d', '\u2028\u2029', '\u180e', '\u0085'];
+const blankish = [
+  '',
+  ' ',
+  '   \n\t ',
+  '\r\n',
+  '\u00a0',
+  '\u2003\u2009',
+  '\u3000',
+  '\ufeff',
+  '\u200b',
+  '\u200b\u200c\u200d',
+  '\u2028\u2029',
+  '\u180e',
+  '\u0085',
+];
 const unicodeEdges = [
   '\u0000',
   'a\u0000b',
@@ -260,7 +280,10 @@ const promptArb: fc.Arbitrary<unknown> = fc.oneof(
   { weight: 3, arbitrary: fc.constantFrom(...unicodeEdges) },
   { weight: 1, arbitrary: fc.tuple(fc.constantFrom(...unicodeEdges), fc.string({ unit: 'binary', maxLength: 20 })).map(([a, b]) => b + a + b) },
   { weight: 1, arbitrary: fc.constantFrom(...hugeStrings) },
-  { weight: 2, arbitrary: fc.oneof(fc.integer(), fc.double(), fc.boolean(), fc.constant(null), fc.array(fc.string(), { maxLength: 3 }), fc.object({ maxDepth: 2 })) },
+  {
+    weight: 2,
+    arbitrary: fc.oneof(fc.integer(), fc.double(), fc.boolean(), fc.constant(null), fc.array(fc.string(), { maxLength: 3 }), fc.object({ maxDepth: 2 })),
+  },
 );
 
 const numberEdge = fc.oneof(
@@ -268,30 +291,75 @@ const numberEdge = fc.oneof(
   fc.constantFrom(0, -0, 63, 64, 2048, 2049, 1e308, -1e308, 4294967295, 4294967296, 2 ** 53, 0.5, 512.0000001, -1),
   fc.double({ noNaN: true, noDefaultInfinity: true }),
 );
-const paramValue = fc.oneof(numberEdge, fc.string({ maxLength: 10 }), fc.constantFrom('png', 'webp', 'jpeg', 'gif', 'PNG', '', null, true), fc.array(fc.integer(), { maxLength: 2 }));
-const paramsObject = fc.dictionary(fc.constantFrom('width', 'height', 'output_format', 'num_outputs', 'seed', 'steps', '__proto__', 'constructor', ''), paramValue, { maxKeys: 5 });
+const paramValue = fc.oneof(
+  numberEdge,
+  fc.string({ maxLength: 10 }),
+  fc.constantFrom('png', 'webp', 'jpeg', 'gif', 'PNG', '', null, true),
+  fc.array(fc.integer(), { maxLength: 2 }),
+);
+const paramsObject = fc.dictionary(
+  fc.constantFrom('width', 'height', 'output_format', 'num_outputs', 'seed', 'steps', '__proto__', 'constructor', ''),
+  paramValue,
+  { maxKeys: 5 },
+);
 const parametersArb: fc.Arbitrary<unknown> = fc.oneof(
   paramsObject,
   paramsObject.map((p) => JSON.stringify(p)),
-  fc.constantFrom('{width: 512', '[1,2]', 'null', '"{}"', '{}', '{"width":512,"width":64}', ' {"width":512} ', '{"__proto__":{"width":1}}', 'x'.repeat(5000), '1e999'),
+  fc.constantFrom(
+    '{width: 512',
+    '[1,2]',
+    'null',
+    '"{}"',
+    '{}',
+    '{"width":512,"width":64}',
+    ' {"width":512} ',
+    '{"__proto__":{"width":1}}',
+    'x'.repeat(5000),
+    '1e999',
+  ),
   fc.string({ unit: 'binary', maxLength: 30 }),
   fc.anything({ maxDepth: 3 }),
 );
 
 /** Parameters the contract accepts, so that what is odd about a body is its prompt alone. */
 const validParametersArb = fc.record(
-  { width: fc.integer({ min: 64, max: 2048 }), height: fc.integer({ min: 64, max: 2048 }), output_format: fc.constantFrom('png', 'webp', 'jpeg'), num_outputs: fc.integer({ min: 1, max: 4 }), seed: fc.integer({ min: 0, max: 4294967295 }) },
+  {
+    width: fc.integer({ min: 64, max: 2048 }),
+    height: fc.integer({ min: 64, max: 2048 }),
+    output_format: fc.constantFrom('png', 'webp', 'jpeg'),
+    num_outputs: fc.integer({ min: 1, max: 4 }),
+    seed: fc.integer({ min: 0, max: 4294967295 }),
+  },
   { requiredKeys: [] },
 );
 
 /** A JSON body for POST /generate: mostly almost-valid, with one or more things wrong. */
 const submissionArb: fc.Arbitrary<unknown> = fc.oneof(
   { weight: 4, arbitrary: fc.record({ prompt: promptArb, parameters: parametersArb }, { requiredKeys: ['prompt'] }) },
-  { weight: 4, arbitrary: fc.record({ prompt: promptArb, parameters: fc.oneof(validParametersArb, validParametersArb.map((p) => JSON.stringify(p))) }, { requiredKeys: ['prompt'] }) },
+  {
+    weight: 4,
+    arbitrary: fc.record(
+      {
+        prompt: promptArb,
+        parameters: fc.oneof(
+          validParametersArb,
+          validParametersArb.map((p) => JSON.stringify(p)),
+        ),
+      },
+      { requiredKeys: ['prompt'] },
+    ),
+  },
   {
     weight: 2,
     arbitrary: fc
-      .tuple(fc.record({ prompt: promptArb }), fc.dictionary(fc.constantFrom('negative_prompt', 'priority', 'webhook_url', 'webhook_events_filter', 'Prompt', 'prompt ', '__proto__', 'constructor'), fc.anything({ maxDepth: 2 }), { minKeys: 1, maxKeys: 3 }))
+      .tuple(
+        fc.record({ prompt: promptArb }),
+        fc.dictionary(
+          fc.constantFrom('negative_prompt', 'priority', 'webhook_url', 'webhook_events_filter', 'Prompt', 'prompt ', '__proto__', 'constructor'),
+          fc.anything({ maxDepth: 2 }),
+          { minKeys: 1, maxKeys: 3 },
+        ),
+      )
       .map(([a, b]) => ({ ...b, ...a })),
   },
   { weight: 1, arbitrary: fc.anything({ maxDepth: 3 }) },
@@ -353,12 +421,14 @@ const contentTypes = [
 ];
 
 /** Idempotency-Key values, some invalid for the contract (the HTTP parser's own refusals, NUL and controls, are in the protocol family). */
-const idempotencyKeys = fc.oneof(
-  fc.constantFrom('key-1', 'key-2', 'key-3'), // a small pool: repeats with the same or another body
-  fc.string({ unit: 'grapheme-ascii', minLength: 1, maxLength: 20 }),
-  fc.constantFrom('', ' ', 'a b', 'tab\there', 'ü-latin1', 'k'.repeat(255), 'k'.repeat(256), 'k'.repeat(4_000)),
+const idempotencyKeys = fc
+  .oneof(
+    fc.constantFrom('key-1', 'key-2', 'key-3'), // a small pool: repeats with the same or another body
+    fc.string({ unit: 'grapheme-ascii', minLength: 1, maxLength: 20 }),
+    fc.constantFrom('', ' ', 'a b', 'tab\there', 'ü-latin1', 'k'.repeat(255), 'k'.repeat(256), 'k'.repeat(4_000)),
+  )
   // eslint-disable-next-line no-control-regex -- control characters are what this filter is for
-).filter((k) => !/[\u0000-\u0008\u000a-\u001f\u007f]/.test(k));
+  .filter((k) => !/[\u0000-\u0008\u000a-\u001f\u007f]/.test(k));
 
 const traversal = [
   '..%2Fpackage.json',
@@ -412,23 +482,60 @@ const badIds = [
 
 /** Encodes a string for a path segment in one of several ways (none, percent, double, raw bytes). */
 const segmentArb = (base: fc.Arbitrary<string>) =>
-  fc.tuple(base, fc.constantFrom('as-is', 'encode', 'double')).map(([s, how]) => (how === 'encode' ? encodeURIComponent(s) : how === 'double' ? encodeURIComponent(encodeURIComponent(s)) : s));
+  fc
+    .tuple(base, fc.constantFrom('as-is', 'encode', 'double'))
+    .map(([s, how]) => (how === 'encode' ? encodeURIComponent(s) : how === 'double' ? encodeURIComponent(encodeURIComponent(s)) : s));
 
 const queryArb = fc.oneof(
   fc.constant(''),
-  fc.dictionary(fc.string({ unit: 'grapheme-ascii', minLength: 1, maxLength: 8 }), fc.string({ unit: 'grapheme', maxLength: 12 }), { minKeys: 1, maxKeys: 4 }).map((d) => '?' + new URLSearchParams(d).toString()),
-  fc.constantFrom('?', '?&&&', '?a', '?a=1&a=2&a=3', '?__proto__[polluted]=yes', '?constructor[prototype][polluted]=yes', '?a[b][c]=d', '?%00=%00', '?%zz=%', '?x=' + 'y'.repeat(6_000), '?' + 'k=v&'.repeat(2_000), '?prompt=hello', '?limit=-1&cursor=%ff'),
+  fc
+    .dictionary(fc.string({ unit: 'grapheme-ascii', minLength: 1, maxLength: 8 }), fc.string({ unit: 'grapheme', maxLength: 12 }), { minKeys: 1, maxKeys: 4 })
+    .map((d) => '?' + new URLSearchParams(d).toString()),
+  fc.constantFrom(
+    '?',
+    '?&&&',
+    '?a',
+    '?a=1&a=2&a=3',
+    '?__proto__[polluted]=yes',
+    '?constructor[prototype][polluted]=yes',
+    '?a[b][c]=d',
+    '?%00=%00',
+    '?%zz=%',
+    '?x=' + 'y'.repeat(6_000),
+    '?' + 'k=v&'.repeat(2_000),
+    '?prompt=hello',
+    '?limit=-1&cursor=%ff',
+  ),
 );
 
 /** Every path of the contract, with the path parameters filled from `param`. */
 const specPaths = Object.keys(spec.paths);
 /** Contract paths that can be read (GET) with no parameter at all. */
-const plainReadable = new Set(specPaths.filter((p) => !p.includes('{') && spec.paths[p].get && !(spec.paths[p].get.parameters ?? []).some((x) => (x as { required?: boolean }).required)));
+const plainReadable = new Set(
+  specPaths.filter((p) => !p.includes('{') && spec.paths[p].get && !(spec.paths[p].get.parameters ?? []).some((x) => (x as { required?: boolean }).required)),
+);
 const hostileSegment = segmentArb(fc.oneof(fc.constantFrom(...badIds, ...traversal), fc.string({ unit: 'binary', maxLength: 20 })));
 const fillPath = (template: string, seg: string) => template.replace(/\{[^}]+\}/g, seg);
 
 /** Methods the HTTP parser knows (they reach the application). */
-const methods = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'TRACE', 'PROPFIND', 'MKCOL', 'PURGE', 'SEARCH', 'QUERY', 'LOCK', 'UNLOCK', 'REPORT'];
+const methods = [
+  'GET',
+  'HEAD',
+  'POST',
+  'PUT',
+  'DELETE',
+  'PATCH',
+  'OPTIONS',
+  'TRACE',
+  'PROPFIND',
+  'MKCOL',
+  'PURGE',
+  'SEARCH',
+  'QUERY',
+  'LOCK',
+  'UNLOCK',
+  'REPORT',
+];
 /** Methods the HTTP parser itself refuses (methods are case-sensitive tokens), and CONNECT (a tunnel request). */
 const badMethods = ['get', 'Post', 'FOO', 'G-ET', 'GET\u0000', 'CONNECT', 'PRI', 'HTTP/1.1'];
 
@@ -439,7 +546,15 @@ function jsonRequest(label: string, target: string, value: unknown, extra: [stri
   const text = JSON.stringify(value) ?? 'undefined';
   // the oracle judges what is sent (JSON.stringify drops undefined members, turns -0 into 0, ...)
   const json = text === 'undefined' ? undefined : JSON.parse(text);
-  return { label, method: 'POST', target, headers: [['Content-Type', 'application/json'], ...extra], body: Buffer.from(text, 'utf8'), twoXX: 'submission', json };
+  return {
+    label,
+    method: 'POST',
+    target,
+    headers: [['Content-Type', 'application/json'], ...extra],
+    body: Buffer.from(text, 'utf8'),
+    twoXX: 'submission',
+    json,
+  };
 }
 
 // One arbitrary per family of hostile input; each yields a RawRequest.
@@ -455,17 +570,30 @@ const families: Record<string, Family> = {
     runs: 260,
     // every edge prompt once, alone (a bad `parameters` next to it would hide how the prompt is handled)
     examples: [...blankish, ...unicodeEdges, ...hugeStrings].map((prompt) => jsonRequest('POST /generate with an edge-case prompt', '/generate', { prompt })),
-    arb: fc.tuple(submissionArb, fc.option(idempotencyKeys, { nil: undefined })).map(([json, key]) =>
-      ({ ...jsonRequest('POST /generate with a generated body', '/generate', json, key === undefined ? [] : [['Idempotency-Key', key]]), ...(validKey(key) ? {} : { twoXX: 'never' as const }) }),
-    ),
+    arb: fc
+      .tuple(submissionArb, fc.option(idempotencyKeys, { nil: undefined }))
+      .map(([json, key]) => ({
+        ...jsonRequest('POST /generate with a generated body', '/generate', json, key === undefined ? [] : [['Idempotency-Key', key]]),
+        ...(validKey(key) ? {} : { twoXX: 'never' as const }),
+      })),
   },
   'generate: malformed and deep bodies, content types, encodings': {
     runs: 140,
     arb: fc
       .tuple(
-        fc.oneof(fc.constantFrom(...malformedBodies), submissionArb.map((j) => Buffer.from(JSON.stringify(j) ?? '', 'utf8'))),
+        fc.oneof(
+          fc.constantFrom(...malformedBodies),
+          submissionArb.map((j) => Buffer.from(JSON.stringify(j) ?? '', 'utf8')),
+        ),
         fc.constantFrom(...contentTypes),
-        fc.constantFrom<[string, string][]>([], [['Content-Encoding', 'gzip']], [['Content-Encoding', 'br']], [['Content-Encoding', 'identity']], [['Content-Encoding', 'x-unknown']], [['Content-Encoding', 'gzip, gzip']]),
+        fc.constantFrom<[string, string][]>(
+          [],
+          [['Content-Encoding', 'gzip']],
+          [['Content-Encoding', 'br']],
+          [['Content-Encoding', 'identity']],
+          [['Content-Encoding', 'x-unknown']],
+          [['Content-Encoding', 'gzip, gzip']],
+        ),
       )
       .map(([body, type, encoding]): RawRequest => {
         let parsed: unknown;
@@ -495,31 +623,68 @@ const families: Record<string, Family> = {
   },
   'generate: oversized bodies and bombs': {
     runs: 40,
-    arb: fc
-      .tuple(fc.integer({ min: MAX_BODY + 1, max: 1024 * 1024 }), fc.constantFrom('plain', 'gzip-bomb', 'chunked'))
-      .map(([size, how]): RawRequest => {
-        const json = Buffer.from(JSON.stringify({ prompt: 'p', pad: 'x'.repeat(size) }));
-        if (how === 'gzip-bomb') {
-          // about 16 MB of JSON in a few KB of gzip: the limit applies to what it inflates to
-          const inflated = Buffer.concat([Buffer.from('{"prompt":"p","pad":"'), Buffer.alloc(16 * 1024 * 1024, 0x20), Buffer.from('"}')]);
-          return { label: 'POST /generate, a gzip bomb', method: 'POST', target: '/generate', headers: [['Content-Type', 'application/json'], ['Content-Encoding', 'gzip']], body: gzipSync(inflated, { level: 9 }), twoXX: 'never', expectStatus: 413 };
-        }
-        if (how === 'chunked') {
-          const chunks = [json.subarray(0, json.length >> 1), json.subarray(json.length >> 1)].map((c) => Buffer.concat([Buffer.from(`${c.length.toString(16)}\r\n`), c, Buffer.from('\r\n')]));
-          return { label: `POST /generate, chunked ${json.length} bytes`, method: 'POST', target: '/generate', headers: [['Content-Type', 'application/json'], ['Transfer-Encoding', 'chunked']], body: Buffer.concat([...chunks, Buffer.from('0\r\n\r\n')]), noContentLength: true, twoXX: 'never', expectStatus: 413 };
-        }
-        return { label: `POST /generate, ${json.length} bytes`, method: 'POST', target: '/generate', headers: [['Content-Type', 'application/json']], body: json, twoXX: 'never', expectStatus: 413 };
-      }),
+    arb: fc.tuple(fc.integer({ min: MAX_BODY + 1, max: 1024 * 1024 }), fc.constantFrom('plain', 'gzip-bomb', 'chunked')).map(([size, how]): RawRequest => {
+      const json = Buffer.from(JSON.stringify({ prompt: 'p', pad: 'x'.repeat(size) }));
+      if (how === 'gzip-bomb') {
+        // about 16 MB of JSON in a few KB of gzip: the limit applies to what it inflates to
+        const inflated = Buffer.concat([Buffer.from('{"prompt":"p","pad":"'), Buffer.alloc(16 * 1024 * 1024, 0x20), Buffer.from('"}')]);
+        return {
+          label: 'POST /generate, a gzip bomb',
+          method: 'POST',
+          target: '/generate',
+          headers: [
+            ['Content-Type', 'application/json'],
+            ['Content-Encoding', 'gzip'],
+          ],
+          body: gzipSync(inflated, { level: 9 }),
+          twoXX: 'never',
+          expectStatus: 413,
+        };
+      }
+      if (how === 'chunked') {
+        const chunks = [json.subarray(0, json.length >> 1), json.subarray(json.length >> 1)].map((c) =>
+          Buffer.concat([Buffer.from(`${c.length.toString(16)}\r\n`), c, Buffer.from('\r\n')]),
+        );
+        return {
+          label: `POST /generate, chunked ${json.length} bytes`,
+          method: 'POST',
+          target: '/generate',
+          headers: [
+            ['Content-Type', 'application/json'],
+            ['Transfer-Encoding', 'chunked'],
+          ],
+          body: Buffer.concat([...chunks, Buffer.from('0\r\n\r\n')]),
+          noContentLength: true,
+          twoXX: 'never',
+          expectStatus: 413,
+        };
+      }
+      return {
+        label: `POST /generate, ${json.length} bytes`,
+        method: 'POST',
+        target: '/generate',
+        headers: [['Content-Type', 'application/json']],
+        body: json,
+        twoXX: 'never',
+        expectStatus: 413,
+      };
+    }),
   },
   'media: traversal and odd file names': {
     runs: 170,
-    arb: fc.tuple(segmentArb(fc.oneof({ weight: 3, arbitrary: fc.constantFrom(...traversal) }, { weight: 1, arbitrary: fc.string({ unit: 'binary', maxLength: 30 }) })), fc.constantFrom('', '', '', '/', '/..', '/../package.json', '/%2e%2e/package.json'), queryArb).map(([seg, suffix, query]) => ({
-      label: 'GET /media/…',
-      method: 'GET',
-      target: printable(`/media/${seg}${suffix}${query}`),
-      headers: [],
-      twoXX: 'never', // no generated name can be a stored file
-    })),
+    arb: fc
+      .tuple(
+        segmentArb(fc.oneof({ weight: 3, arbitrary: fc.constantFrom(...traversal) }, { weight: 1, arbitrary: fc.string({ unit: 'binary', maxLength: 30 }) })),
+        fc.constantFrom('', '', '', '/', '/..', '/../package.json', '/%2e%2e/package.json'),
+        queryArb,
+      )
+      .map(([seg, suffix, query]) => ({
+        label: 'GET /media/…',
+        method: 'GET',
+        target: printable(`/media/${seg}${suffix}${query}`),
+        headers: [],
+        twoXX: 'never', // no generated name can be a stored file
+      })),
   },
   'status: odd ids': {
     runs: 120,
@@ -533,8 +698,15 @@ const families: Record<string, Family> = {
   },
   'every path: odd methods, query strings, path parameters': {
     runs: 200,
-    arb: fc.tuple(fc.constantFrom(...specPaths, '/docs', '/docs/', '/nope', '/', '/generate/', '//generate', '/GENERATE', '/Generate/', '/status', '/media', '/media/'), fc.constantFrom(...methods), queryArb, hostileSegment, fc.boolean()).map(
-      ([template, method, query, seg, withBody]): RawRequest => {
+    arb: fc
+      .tuple(
+        fc.constantFrom(...specPaths, '/docs', '/docs/', '/nope', '/', '/generate/', '//generate', '/GENERATE', '/Generate/', '/status', '/media', '/media/'),
+        fc.constantFrom(...methods),
+        queryArb,
+        hostileSegment,
+        fc.boolean(),
+      )
+      .map(([template, method, query, seg, withBody]): RawRequest => {
         const target = printable(fillPath(template, seg) + query);
         const readOnly = method === 'GET' || method === 'HEAD';
         // Reading the operations endpoints is valid with or without odd query strings. The docs page
@@ -561,8 +733,7 @@ const families: Record<string, Family> = {
           twoXX: submission ? 'submission' : opsRead || plainRead || docs || page ? 'ok' : 'never',
           json: submission ? { prompt: 'via an odd method' } : undefined,
         };
-      },
-    ),
+      }),
   },
   'headers: odd, repeated and large (within the header size limit)': {
     runs: 120,
@@ -572,13 +743,22 @@ const families: Record<string, Family> = {
         fc.oneof(
           idempotencyKeys.filter((k) => /^[\x20-\x7e]*$/.test(k)).map((k): [string, string][] => [['Idempotency-Key', k]]),
           fc.constantFrom<[string, string][]>(
-            [['Idempotency-Key', 'a'], ['Idempotency-Key', 'b']],
+            [
+              ['Idempotency-Key', 'a'],
+              ['Idempotency-Key', 'b'],
+            ],
             [['Idempotency-Key', 'x'.repeat(12_000)]],
             [['X-Request-Id', 'x'.repeat(10_000)]],
-            [['X-Request-Id', '../../etc'], ['Injected', 'yes']],
+            [
+              ['X-Request-Id', '../../etc'],
+              ['Injected', 'yes'],
+            ],
             [['X-Request-Id', '\u00fc\u00ff']],
             Array.from({ length: 300 }, (_, i) => [`X-Many-${i}`, String(i)] as [string, string]),
-            [['Content-Type', 'application/json'], ['Content-Type', 'text/plain']],
+            [
+              ['Content-Type', 'application/json'],
+              ['Content-Type', 'text/plain'],
+            ],
             [['X-Latin1', 'caf\u00e9']],
             [['X-Empty', '']],
             [['Expect', '100-continue']],
@@ -591,7 +771,10 @@ const families: Record<string, Family> = {
             [['If-Modified-Since', 'not a date']],
             [['Authorization', 'Bearer ' + 't'.repeat(5_000)]],
             [['Cookie', 'a=b; '.repeat(500)]],
-            [['X-Forwarded-For', '1.2.3.4, <script>'], ['X-Forwarded-Host', 'evil.example']],
+            [
+              ['X-Forwarded-For', '1.2.3.4, <script>'],
+              ['X-Forwarded-Host', 'evil.example'],
+            ],
             [['Origin', 'null']],
           ),
         ),
@@ -624,20 +807,40 @@ const families: Record<string, Family> = {
  * target, control bytes and bad names in headers, contradictory framing, headers over the size limit.
  */
 const protocolFamily: fc.Arbitrary<RawRequest> = fc.oneof(
-  fc.tuple(fc.constantFrom(...badMethods), fc.constantFrom('/generate', '/healthz', '/media/x.png', '/nope', '*')).map(([method, target]): RawRequest => ({ label: `method ${JSON.stringify(method)}`, method, target, headers: [], twoXX: 'never' })),
   fc
-    .tuple(fc.constantFrom('/status/', '/media/', '/healthz?x=', '/'), fc.oneof(fc.string({ unit: 'binary', minLength: 1, maxLength: 20 }), fc.constantFrom(' ', 'a b', '\t', '\u0000', '\u007f', '\u0085', 'caf\u00e9', '\u{1F600}')))
+    .tuple(fc.constantFrom(...badMethods), fc.constantFrom('/generate', '/healthz', '/media/x.png', '/nope', '*'))
+    .map(([method, target]): RawRequest => ({ label: `method ${JSON.stringify(method)}`, method, target, headers: [], twoXX: 'never' })),
+  fc
+    .tuple(
+      fc.constantFrom('/status/', '/media/', '/healthz?x=', '/'),
+      fc.oneof(
+        fc.string({ unit: 'binary', minLength: 1, maxLength: 20 }),
+        fc.constantFrom(' ', 'a b', '\t', '\u0000', '\u007f', '\u0085', 'caf\u00e9', '\u{1F600}'),
+      ),
+    )
     .filter(([, raw]) => /[^\x21-\x7e]/.test(raw))
     // Spaces alone after the target only separate it from the version ("GET /  HTTP/1.1" reads GET /): the page.
-    .map(([prefix, raw]): RawRequest => ({ label: 'raw bytes in the target', method: 'GET', target: prefix + raw, headers: [], twoXX: prefix === '/' && /^ +$/.test(raw) ? 'ok' : 'never' })),
+    .map(([prefix, raw]): RawRequest => ({
+      label: 'raw bytes in the target',
+      method: 'GET',
+      target: prefix + raw,
+      headers: [],
+      twoXX: prefix === '/' && /^ +$/.test(raw) ? 'ok' : 'never',
+    })),
   fc
     .tuple(
       fc.constantFrom('/generate', '/healthz'),
       fc.constantFrom<[string, string][]>(
         [['Content-Length', 'abc']],
         [['Content-Length', '-1']],
-        [['Content-Length', '5'], ['Content-Length', '6']],
-        [['Transfer-Encoding', 'chunked'], ['Content-Length', '3']],
+        [
+          ['Content-Length', '5'],
+          ['Content-Length', '6'],
+        ],
+        [
+          ['Transfer-Encoding', 'chunked'],
+          ['Content-Length', '3'],
+        ],
         [['Transfer-Encoding', 'gzip, chunked']],
         [['Transfer-Encoding', 'identity']],
         [['Bad Name', 'x']],
@@ -714,7 +917,15 @@ async function runFamilies(list: [string, Family][], seed: number): Promise<void
           fc.asyncProperty(arb, async (req) => {
             check(req, await sendRaw(svc.port, req));
           }),
-          { numRuns: runs, examples: (examples ?? []).map((e) => [e] as [RawRequest]), seed: seed + i, endOnFailure: false, includeErrorInReport: true, interruptAfterTimeLimit: 90_000, markInterruptAsFailure: true },
+          {
+            numRuns: runs,
+            examples: (examples ?? []).map((e) => [e] as [RawRequest]),
+            seed: seed + i,
+            endOnFailure: false,
+            includeErrorInReport: true,
+            interruptAfterTimeLimit: 90_000,
+            markInterruptAsFailure: true,
+          },
         )
         .catch((err: Error) => {
           throw new Error(`family "${name}" (seed ${seed + i}):\n${err.message}`);
@@ -763,7 +974,9 @@ test('afterwards: the server is up, nothing went unhandled or polluted, the data
     const byId = new Map(rows.map((r) => [r.id, r.prompt]));
     expect(accepted.filter((a) => !byId.has(a.jobId))).toEqual([]);
     expect(new Set(accepted.map((a) => a.jobId)).size).toBe(rows.length);
-    const altered = accepted.filter((a) => a.prompt !== undefined && byId.get(a.jobId) !== a.prompt && !accepted.some((b) => b.jobId === a.jobId && byId.get(a.jobId) === b.prompt));
+    const altered = accepted.filter(
+      (a) => a.prompt !== undefined && byId.get(a.jobId) !== a.prompt && !accepted.some((b) => b.jobId === a.jobId && byId.get(a.jobId) === b.prompt),
+    );
     expect(altered.map((a) => ({ sent: JSON.stringify(a.prompt), stored: JSON.stringify(byId.get(a.jobId)) }))).toEqual([]);
   });
   console.log(`hostile input: ${requestsSent} requests, ${accepted.length} accepted, seed ${seed}`);

@@ -77,12 +77,16 @@ async function buildImages(): Promise<void> {
     `<?xml version="1.0"?><!DOCTYPE svg [<!ENTITY e0 "lollollollol">${entities}]><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><text y="20">&e8;</text></svg>`,
   );
   // far over the pixel cap (4x per side), though small and perfectly ordinary as a file
-  images['over the pixel cap'] = await sharp({ create: { width: 4 * 2048, height: 2048, channels: 3, background: '#3366aa' } }).jpeg().toBuffer();
+  images['over the pixel cap'] = await sharp({ create: { width: 4 * 2048, height: 2048, channels: 3, background: '#3366aa' } })
+    .jpeg()
+    .toBuffer();
   // far over the byte cap (about 6x), though within the pixel cap: an honest, incompressible 2048×2048 PNG
   bigBytes = await noise(2048, 2048).png({ compressionLevel: 0 }).toBuffer();
   images['over the byte cap'] = bigBytes;
   images['under both caps'] = await noise(1024, 1024).jpeg({ quality: 80 }).toBuffer();
-  await sharp({ create: { width: 64, height: 64, channels: 3, background: '#ff0000' } }).png().toFile(RED_PNG_PATH);
+  await sharp({ create: { width: 64, height: 64, channels: 3, background: '#ff0000' } })
+    .png()
+    .toFile(RED_PNG_PATH);
   images['svg reading a local file'] = Buffer.from(
     `<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="64" height="64"><rect width="64" height="64" fill="#ffffff"/>` +
       `<image href="file://${RED_PNG_PATH}" xlink:href="file://${RED_PNG_PATH}" width="64" height="64"/><image href="${RED_PNG_PATH}" width="64" height="64"/></svg>`,

@@ -39,8 +39,14 @@ test('concurrent repeats all get the one job', async () => {
   expect(statuses.filter((s) => s === 200)).toHaveLength(19);
   const ids = new Set(await Promise.all(responses.map(async (r) => ((await r.json()) as { job_id: string }).job_id)));
   expect(ids.size).toBe(1);
-  const rows = await withClient(svc.databaseUrl, async (c) =>
-    (await c.query("select count(*)::int as jobs, (select count(*)::int from pgboss.job q where q.id = any(array_agg(j.id))) as queued from jobs j where idempotency_key = 'key-concurrent'")).rows[0],
+  const rows = await withClient(
+    svc.databaseUrl,
+    async (c) =>
+      (
+        await c.query(
+          "select count(*)::int as jobs, (select count(*)::int from pgboss.job q where q.id = any(array_agg(j.id))) as queued from jobs j where idempotency_key = 'key-concurrent'",
+        )
+      ).rows[0],
   );
   expect(rows).toEqual({ jobs: 1, queued: 1 });
 });

@@ -58,7 +58,9 @@ test('a listener whose connection went silent is replaced, and subscribers are t
   const databaseUrl = await createTestDatabase();
   const proxy = await startFreezableProxy(databaseUrl);
   const notify = (jobId: string) =>
-    withClient(databaseUrl, (c) => c.query(`select pg_notify('job_events', json_build_object('job_id', $1::text, 'seq', 1, 'status', 'canceled')::text)`, [jobId]));
+    withClient(databaseUrl, (c) =>
+      c.query(`select pg_notify('job_events', json_build_object('job_id', $1::text, 'seq', 1, 'status', 'canceled')::text)`, [jobId]),
+    );
   hub = await createJobEventHub(proxy.url, createLogger('silent'), { pingIntervalMs: 100, pingTimeoutMs: 300 });
   const seen: JobNotification[] = [];
   hub.onAny((n) => seen.push(n));

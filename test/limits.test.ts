@@ -26,7 +26,12 @@ describe('two API processes on one database', () => {
 
   beforeAll(async () => {
     databaseUrl = await createTestDatabase();
-    const env = { ANONYMOUS_ACCESS: 'off', KEY_RATE_LIMIT_PER_SECOND: String(SUSTAINED), KEY_RATE_LIMIT_BURST: String(BURST), KEY_MAX_QUEUED_JOBS: String(MAX_QUEUED) };
+    const env = {
+      ANONYMOUS_ACCESS: 'off',
+      KEY_RATE_LIMIT_PER_SECOND: String(SUSTAINED),
+      KEY_RATE_LIMIT_BURST: String(BURST),
+      KEY_MAX_QUEUED_JOBS: String(MAX_QUEUED),
+    };
     apis = await Promise.all([startApiProcess(databaseUrl, env), startApiProcess(databaseUrl, env)]);
   });
   afterAll(async () => {

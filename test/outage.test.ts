@@ -103,7 +103,9 @@ async function request(pathname: string, init: RequestInit = {}): Promise<Answer
   try {
     res = await fetch(`${svc.baseUrl}${pathname}`, { ...init, signal: AbortSignal.timeout(REQUEST_BOUND_MS) });
   } catch (err) {
-    throw new Error(`${init.method ?? 'GET'} ${pathname} got no answer within ${REQUEST_BOUND_MS} ms (${Date.now() - started} ms): ${String(err)}`, { cause: err });
+    throw new Error(`${init.method ?? 'GET'} ${pathname} got no answer within ${REQUEST_BOUND_MS} ms (${Date.now() - started} ms): ${String(err)}`, {
+      cause: err,
+    });
   }
   const text = await res.text();
   let body: unknown = text;
@@ -172,7 +174,11 @@ test('Postgres stopped and started again: 503s while down, recovery on its own, 
   };
   await round();
   await round();
-  await waitFor(async () => (runningAtStop.every((id) => (provider.finished.get(id) ?? 0) > stoppedAt) ? true : undefined), 'the running generations to end during the outage', 20_000);
+  await waitFor(
+    async () => (runningAtStop.every((id) => (provider.finished.get(id) ?? 0) > stoppedAt) ? true : undefined),
+    'the running generations to end during the outage',
+    20_000,
+  );
   await round();
   await round();
   // no answer during the outage came anywhere near the bound (the pool's connect timeout is 5 s)

@@ -52,7 +52,7 @@ test('a worker killed mid-job: another worker finishes its jobs, each completed 
     const status = await waitForStatus(api.baseUrl, id, ['completed', 'failed'], 45_000);
     expect(status).toMatchObject({ status: 'completed', attempts: 2 });
     expect(status.result_url).toMatch(mediaPath(id, 2, 'png'));
-    served.push(...status.outputs.flatMap((o) => [o.url, (o as { thumbnail_url?: string }).thumbnail_url ?? ""].map((u) => u.replace('/media/', ''))));
+    served.push(...status.outputs.flatMap((o) => [o.url, (o as { thumbnail_url?: string }).thumbnail_url ?? ''].map((u) => u.replace('/media/', ''))));
     const attempts = await listAttempts(api.db, id);
     expect(attempts.map((a) => [a.number, a.outcome])).toEqual([
       [1, 'interrupted'],

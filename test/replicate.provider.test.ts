@@ -24,11 +24,7 @@ let server: LocalReplicate;
 
 beforeEach(async () => {
   server = await startLocalReplicate({
-    models: [
-      { name: 'black-forest-labs/flux-schnell' },
-      { name: 'acme/pixel-model' },
-      { name: 'acme/square-only', aspectRatios: ['1:1'] },
-    ],
+    models: [{ name: 'black-forest-labs/flux-schnell' }, { name: 'acme/pixel-model' }, { name: 'acme/square-only', aspectRatios: ['1:1'] }],
     versions: { [VERSION]: 'acme/pixel-model' },
   });
 });
@@ -427,7 +423,9 @@ describe('deadline and abort', () => {
   test('an abort during the create answers at once and cancels the prediction once its id arrives', async () => {
     server.setScenario({ neverFinish: true, preferWaitCapMs: 300 });
     const controller = new AbortController();
-    const settled = provider().generate(request(), controller.signal).catch((e: unknown) => e);
+    const settled = provider()
+      .generate(request(), controller.signal)
+      .catch((e: unknown) => e);
     const create = await server.waitForRequest((r) => r.route === 'create-model');
 
     const reason = new Error('job canceled');
@@ -570,7 +568,9 @@ describe('Cog API style', () => {
   test('an abort cancels the Cog prediction', async () => {
     server.setScenario({ neverFinish: true });
     const controller = new AbortController();
-    const settled = cogProvider().generate(request(), controller.signal).catch((e: unknown) => e);
+    const settled = cogProvider()
+      .generate(request(), controller.signal)
+      .catch((e: unknown) => e);
     await server.waitForRequest((r) => r.route === 'cog-create');
     const reason = new Error('stop');
     controller.abort(reason);

@@ -82,9 +82,11 @@ async function injectFaults(databaseUrl: string, status: 'processing' | 'complet
 }
 
 async function retryCountOf(databaseUrl: string, id: string): Promise<number> {
-  return withClient(databaseUrl, async (c) => (await c.query<{ retry_count: number }>('select retry_count from pgboss.job where id = $1', [id])).rows[0].retry_count);
+  return withClient(
+    databaseUrl,
+    async (c) => (await c.query<{ retry_count: number }>('select retry_count from pgboss.job where id = $1', [id])).rows[0].retry_count,
+  );
 }
-
 
 let svc: TestService | undefined;
 const extra: TestService[] = [];
@@ -167,7 +169,10 @@ test('a job canceled after its outputs were written, before they were recorded, 
   await injectFaults(databaseUrl, 'completed', 1_000_000);
   svc = await startTestService({ databaseUrl });
   const id = await jobIdOf(await submit(svc.baseUrl, { prompt: 'canceled late', parameters: { num_outputs: 3 } }));
-  await waitFor(async () => (readdirSync(svc!.config.MEDIA_DIR).filter((f) => !f.startsWith('.')).length === 6 ? true : undefined), 'the outputs to be written');
+  await waitFor(
+    async () => (readdirSync(svc!.config.MEDIA_DIR).filter((f) => !f.startsWith('.')).length === 6 ? true : undefined),
+    'the outputs to be written',
+  );
   expect((await fetch(`${svc.baseUrl}/jobs/${id}/cancel`, { method: 'POST' })).status).toBe(200);
   await waitFor(async () => (svc!.worker!.busySlots() === 0 ? true : undefined), 'the attempt to end');
   expect(await waitForStatus(svc.baseUrl, id, ['canceled'])).toMatchObject({ status: 'canceled', outputs: [] });
@@ -206,7 +211,9 @@ describe('database hiccups cost no attempt', () => {
       expect(await retryCountOf(databaseUrl, id)).toBe(0);
     }
     // The faults did happen: all three were used up.
-    expect(await withClient(databaseUrl, async (c) => (await c.query<{ n: string }>('select last_value as n from fault_completed')).rows[0].n)).toBeGreaterThanOrEqual(3);
+    expect(
+      await withClient(databaseUrl, async (c) => (await c.query<{ n: string }>('select last_value as n from fault_completed')).rows[0].n),
+    ).toBeGreaterThanOrEqual(3);
   });
 
   test('a failed attempt start is retried; a permanent failure then still fails at once (the content-policy flake)', async () => {
@@ -223,7 +230,11 @@ describe('database hiccups cost no attempt', () => {
     };
     svc = await startTestService({ databaseUrl, provider: refusing });
     const id = await jobIdOf(await submit(svc.baseUrl, { prompt: 'refused' }));
-    expect(await waitForStatus(svc.baseUrl, id, ['completed', 'failed'])).toMatchObject({ status: 'failed', attempts: 1, error: expect.stringMatching(/NSFW/) });
+    expect(await waitForStatus(svc.baseUrl, id, ['completed', 'failed'])).toMatchObject({
+      status: 'failed',
+      attempts: 1,
+      error: expect.stringMatching(/NSFW/),
+    });
     expect(calls).toBe(1);
     expect(await retryCountOf(databaseUrl, id)).toBe(0);
   });

@@ -37,10 +37,7 @@ describe('retries', () => {
   });
 
   test('a provider that fails twice then succeeds: attempt rows, backoff honoured, final success', async () => {
-    const provider = scriptedProvider([
-      new ProviderError('retryable', 'upstream 503 (first)'),
-      new ProviderError('retryable', 'upstream 503 (second)'),
-    ]);
+    const provider = scriptedProvider([new ProviderError('retryable', 'upstream 503 (first)'), new ProviderError('retryable', 'upstream 503 (second)')]);
     svc = await startTestService({ provider, env: { JOB_RETRY_DELAY_SECONDS: '1', JOB_RETRY_LIMIT: '5' } });
     const id = await jobId(await submit(svc.baseUrl, { prompt: 'flaky' }));
     const status = await waitForStatus(svc.baseUrl, id, ['completed', 'failed']);
@@ -91,8 +88,15 @@ describe('retries', () => {
     const attempts = await listAttempts(svc.db, id);
     expect(attempts.map((a) => [a.outcome, a.error_kind])).toEqual([['failed', 'permanent']]);
     // pg-boss has nothing left to do for it (no retry scheduled), and its output says why
-    const queued = await withClient(svc.databaseUrl, async (c) => (await c.query('select state, retry_count, output from pgboss.job where id = $1', [id])).rows[0]);
-    expect(queued).toMatchObject({ state: 'completed', retry_count: 0, output: { outcome: 'failed', kind: 'permanent', error: 'All generated images contained NSFW content.' } });
+    const queued = await withClient(
+      svc.databaseUrl,
+      async (c) => (await c.query('select state, retry_count, output from pgboss.job where id = $1', [id])).rows[0],
+    );
+    expect(queued).toMatchObject({
+      state: 'completed',
+      retry_count: 0,
+      output: { outcome: 'failed', kind: 'permanent', error: 'All generated images contained NSFW content.' },
+    });
   });
 
   test('a provider output that is not an image fails that attempt cleanly and is retried', async () => {
@@ -139,8 +143,9 @@ describe('restarts', () => {
     const api = await startTestService({ databaseUrl, worker: false });
     try {
       const id = await jobId(await submit(api.baseUrl, { prompt: 'atomic' }));
-      const rows = await withClient(databaseUrl, async (c) =>
-        (await c.query("select j.status, q.state, q.name from jobs j join pgboss.job q on q.id = j.id where j.id = $1", [id])).rows,
+      const rows = await withClient(
+        databaseUrl,
+        async (c) => (await c.query('select j.status, q.state, q.name from jobs j join pgboss.job q on q.id = j.id where j.id = $1', [id])).rows,
       );
       expect(rows).toEqual([{ status: 'queued', state: 'created', name: 'generate' }]);
       // and when the queue refuses the entry, no job row is left behind either
@@ -151,7 +156,10 @@ describe('restarts', () => {
       });
       const res = await submit(api.baseUrl, { prompt: 'cannot enqueue' });
       expect(res.status).toBe(500);
-      const count = await withClient(databaseUrl, async (c) => (await c.query("select count(*)::int as n from jobs where prompt = 'cannot enqueue'")).rows[0].n);
+      const count = await withClient(
+        databaseUrl,
+        async (c) => (await c.query("select count(*)::int as n from jobs where prompt = 'cannot enqueue'")).rows[0].n,
+      );
       expect(count).toBe(0);
     } finally {
       await api.stop();

@@ -21,7 +21,14 @@ export interface NewApiKey {
 export async function insertApiKey(db: Database, key: NewApiKey): Promise<ApiKeySummary> {
   return db
     .insertInto('api_keys')
-    .values({ name: key.name, prefix: key.prefix, key_hash: key.hash, operator: key.operator, max_priority: key.maxPriority ?? null, webhook_secret: generateWebhookSecret() })
+    .values({
+      name: key.name,
+      prefix: key.prefix,
+      key_hash: key.hash,
+      operator: key.operator,
+      max_priority: key.maxPriority ?? null,
+      webhook_secret: generateWebhookSecret(),
+    })
     .returning(SUMMARY)
     .executeTakeFirstOrThrow();
 }

@@ -45,7 +45,10 @@ export function createRateLimiter(db: Database, config: LimitsConfig): RequestHa
       next();
     } catch (err) {
       if (!(err instanceof RateLimiterRes)) return next(err);
-      const limited = new AppError('rate_limited', `this key made more than ${config.KEY_RATE_LIMIT_PER_SECOND} requests a second (and spent its burst allowance of ${config.KEY_RATE_LIMIT_BURST} a minute); retry later`);
+      const limited = new AppError(
+        'rate_limited',
+        `this key made more than ${config.KEY_RATE_LIMIT_PER_SECOND} requests a second (and spent its burst allowance of ${config.KEY_RATE_LIMIT_BURST} a minute); retry later`,
+      );
       limited.retryAfterSeconds = Math.max(1, Math.ceil(err.msBeforeNext / 1000));
       next(limited);
     }

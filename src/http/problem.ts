@@ -126,8 +126,10 @@ export const errorHandler: ErrorRequestHandler = (err, req, res, _next) => {
       detail: `the request body is larger than the limit${limit ? ` of ${limit} bytes` : ''}: send only the fields of the contract (a prompt is at most 2000 characters; parameters are a few numbers)`,
     });
   }
-  if (e.type === 'entity.parse.failed') return sendProblem(res, { status: 400, detail: `the body is not valid JSON: ${e.message}`, errors: [{ path: '/body', message: 'is not valid JSON' }] });
-  if (e.type === 'encoding.unsupported' || e.type === 'charset.unsupported') return sendProblem(res, { status: 415, detail: `${e.message}: send UTF-8 JSON with Content-Type: application/json` });
+  if (e.type === 'entity.parse.failed')
+    return sendProblem(res, { status: 400, detail: `the body is not valid JSON: ${e.message}`, errors: [{ path: '/body', message: 'is not valid JSON' }] });
+  if (e.type === 'encoding.unsupported' || e.type === 'charset.unsupported')
+    return sendProblem(res, { status: 415, detail: `${e.message}: send UTF-8 JSON with Content-Type: application/json` });
   // express-openapi-validator errors carry a status and per-field errors
   if (status === 415) {
     if (!hasBody) return noBody();
@@ -165,7 +167,12 @@ function cleanParameterErrors(errors: FieldError[], parameters: unknown): FieldE
 // server.on('checkExpectation', answerExpectation).
 
 function rawProblem(status: number, detail: string, extraHeaders = ''): string {
-  const body = JSON.stringify({ type: status === 400 ? 'urn:problem:bad_request' : problemType(status), title: titles[status] ?? 'Error', status, detail } satisfies Problem);
+  const body = JSON.stringify({
+    type: status === 400 ? 'urn:problem:bad_request' : problemType(status),
+    title: titles[status] ?? 'Error',
+    status,
+    detail,
+  } satisfies Problem);
   return (
     `HTTP/1.1 ${status} ${titles[status] ?? 'Error'}\r\nContent-Type: application/problem+json; charset=utf-8\r\n` +
     `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n${extraHeaders}\r\n${body}`
@@ -180,7 +187,12 @@ export function answerClientError(err: Error & { code?: string }, socket: Duplex
     return;
   }
   const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
-  const detail = status === 431 ? 'the request headers are larger than the limit' : status === 408 ? 'the request took too long to arrive' : 'the request is not valid HTTP/1.1';
+  const detail =
+    status === 431
+      ? 'the request headers are larger than the limit'
+      : status === 408
+        ? 'the request took too long to arrive'
+        : 'the request is not valid HTTP/1.1';
   socket.end(rawProblem(status, detail));
 }
 
@@ -191,7 +203,12 @@ export function answerConnect(_req: IncomingMessage, socket: Duplex): void {
 
 /** An `Expect` header other than 100-continue. */
 export function answerExpectation(_req: IncomingMessage, res: ServerResponse): void {
-  const body = JSON.stringify({ type: problemType(417), title: titles[417] ?? 'Expectation Failed', status: 417, detail: 'only Expect: 100-continue is supported' } satisfies Problem);
+  const body = JSON.stringify({
+    type: problemType(417),
+    title: titles[417] ?? 'Expectation Failed',
+    status: 417,
+    detail: 'only Expect: 100-continue is supported',
+  } satisfies Problem);
   res.writeHead(417, { 'Content-Type': 'application/problem+json; charset=utf-8', 'Content-Length': Buffer.byteLength(body), Connection: 'close' });
   res.end(body);
 }

@@ -122,7 +122,12 @@ export async function startAttempts(trx: Tx, starts: AttemptStart[], worker: str
   if (rows.some((r) => r.attempts > 1)) {
     await trx
       .updateTable('job_attempts')
-      .set({ outcome: 'interrupted', finished_at: sql`now()`, error: 'the worker stopped before this attempt finished (crash, kill or expiry)', error_kind: 'interrupted' })
+      .set({
+        outcome: 'interrupted',
+        finished_at: sql`now()`,
+        error: 'the worker stopped before this attempt finished (crash, kill or expiry)',
+        error_kind: 'interrupted',
+      })
       .where('job_id', 'in', startedIds)
       .where('outcome', '=', 'running')
       .execute();
@@ -138,7 +143,11 @@ export async function startAttempts(trx: Tx, starts: AttemptStart[], worker: str
 export async function recordPrediction(db: Database, jobId: string, number: number, predictionId: string): Promise<void> {
   await db.transaction().execute(async (trx) => {
     await trx.updateTable('job_attempts').set({ prediction_id: predictionId }).where('job_id', '=', jobId).where('number', '=', number).execute();
-    await trx.updateTable('jobs').set({ prediction_id: predictionId, updated_at: sql`now()` }).where('id', '=', jobId).execute();
+    await trx
+      .updateTable('jobs')
+      .set({ prediction_id: predictionId, updated_at: sql`now()` })
+      .where('id', '=', jobId)
+      .execute();
   });
 }
 
@@ -161,7 +170,13 @@ export interface Completion extends AttemptReport {
 export async function completeJobs(trx: Tx, completions: Completion[]): Promise<JobRow[]> {
   if (completions.length === 0) return [];
   const records = JSON.stringify(
-    completions.map((c) => ({ id: c.jobId, number: c.number, outputs: c.outputs, prediction_id: c.predictionId ?? null, predict_time_ms: c.predictTimeMs === undefined ? null : Math.round(c.predictTimeMs) })),
+    completions.map((c) => ({
+      id: c.jobId,
+      number: c.number,
+      outputs: c.outputs,
+      prediction_id: c.predictionId ?? null,
+      predict_time_ms: c.predictTimeMs === undefined ? null : Math.round(c.predictTimeMs),
+    })),
   );
   const done = sql`(select * from jsonb_to_recordset(${records}::jsonb) as r(id uuid, number int, outputs jsonb, prediction_id text, predict_time_ms int))`;
   const rows = await trx
@@ -377,7 +392,11 @@ const STATUSES: JobState[] = [...ACTIVE, ...FINISHED];
 
 /** Jobs by status, from the counters the jobs table's triggers keep (reads a few rows, whatever the history). */
 export async function countJobsByStatus(db: Database): Promise<Record<JobState, number>> {
-  const rows = await db.selectFrom('job_status_counts').select(['status', (eb) => eb.fn.sum<string>('n').as('n')]).groupBy('status').execute();
+  const rows = await db
+    .selectFrom('job_status_counts')
+    .select(['status', (eb) => eb.fn.sum<string>('n').as('n')])
+    .groupBy('status')
+    .execute();
   const counts = Object.fromEntries(STATUSES.map((s) => [s, 0])) as Record<JobState, number>;
   for (const row of rows) if (row.status in counts) counts[row.status as JobState] = Number(row.n);
   return counts;

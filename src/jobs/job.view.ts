@@ -24,7 +24,9 @@ export function toStatusView(job: JobRow, live: { queuePosition?: number } = {})
     outputs,
     provider: job.provider,
     ...(job.prediction_id ? { prediction_id: job.prediction_id } : {}),
-    ...(job.webhook_url ? { webhook_url: job.webhook_url, webhook_events_filter: (job.webhook_events_filter ?? ['completed']) as JobStatusView['webhook_events_filter'] } : {}),
+    ...(job.webhook_url
+      ? { webhook_url: job.webhook_url, webhook_events_filter: (job.webhook_events_filter ?? ['completed']) as JobStatusView['webhook_events_filter'] }
+      : {}),
     created_at: job.created_at.toISOString(),
     updated_at: job.updated_at.toISOString(),
     ...(job.started_at ? { started_at: job.started_at.toISOString() } : {}),

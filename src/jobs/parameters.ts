@@ -31,7 +31,10 @@ export function parameterErrors(raw: unknown): FieldError[] {
   if (validate(value)) return [];
   return (validate.errors ?? []).map((e) => {
     if (e.keyword === 'additionalProperties') {
-      return { path: `/body/parameters${e.instancePath}/${(e.params as { additionalProperty: string }).additionalProperty}`, message: 'is not a known parameter' };
+      return {
+        path: `/body/parameters${e.instancePath}/${(e.params as { additionalProperty: string }).additionalProperty}`,
+        message: 'is not a known parameter',
+      };
     }
     const allowed = e.keyword === 'enum' ? `: ${(e.params as { allowedValues: unknown[] }).allowedValues.join(', ')}` : '';
     return { path: `/body/parameters${e.instancePath}`, message: `${e.message ?? 'is invalid'}${allowed}` };

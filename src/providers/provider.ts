@@ -56,11 +56,7 @@ export class ProviderError extends Error {
   readonly predictionId?: string;
   readonly predictTimeMs?: number;
 
-  constructor(
-    kind: ProviderErrorKind,
-    message: string,
-    options: { cause?: unknown; predictionId?: string; predictTimeMs?: number } = {},
-  ) {
+  constructor(kind: ProviderErrorKind, message: string, options: { cause?: unknown; predictionId?: string; predictTimeMs?: number } = {}) {
     super(message, { cause: options.cause });
     this.name = 'ProviderError';
     this.kind = kind;

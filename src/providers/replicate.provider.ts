@@ -356,7 +356,10 @@ export function createReplicateProvider(options: ReplicateProviderOptions): Imag
           if (retryAfter !== undefined) delay = Math.max(delay, retryAfter);
         }
         if (Date.now() + delay >= deadlineAt) return 0;
-        logDebug({ method: error.options.method, url: urlForLog(error.options.url), status, code: error.code, delayMs: Math.round(delay) }, 'replicate: retrying');
+        logDebug(
+          { method: error.options.method, url: urlForLog(error.options.url), status, code: error.code, delayMs: Math.round(delay) },
+          'replicate: retrying',
+        );
         return Math.max(1, Math.round(delay));
       },
     };

@@ -147,7 +147,7 @@ export function createGenerateHandler(deps: GenerateDeps): (job: SlotJob<'genera
       log.error({ err }, 'could not record how the attempt ended; the queue will retry the job after its expiry');
     } finally {
       // Files of an attempt that did not complete the job (failed, canceled, stale) are never served.
-      if (!won && written.length > 0) await deps.storage.remove(written).catch((err: unknown) => log.warn({ err }, 'could not remove the attempt\'s files'));
+      if (!won && written.length > 0) await deps.storage.remove(written).catch((err: unknown) => log.warn({ err }, "could not remove the attempt's files"));
     }
   };
 }
@@ -190,7 +190,8 @@ function report(deps: GenerateDeps, outcome: Settlement, row: JobRow | undefined
   if (outcome.kind === 'completed') {
     if (row?.status === 'completed') {
       deps.metrics.jobsFinished.inc({ status: 'completed' });
-      if (row.started_at && row.finished_at) deps.metrics.jobSeconds.observe({ status: 'completed' }, (row.finished_at.getTime() - row.started_at.getTime()) / 1000);
+      if (row.started_at && row.finished_at)
+        deps.metrics.jobSeconds.observe({ status: 'completed' }, (row.finished_at.getTime() - row.started_at.getTime()) / 1000);
       log.info({ outputs: outcome.completion.outputs.length }, 'job completed');
     } else {
       log.info('job finished elsewhere meanwhile (canceled, or another attempt owns it); outputs discarded');
@@ -232,7 +233,8 @@ async function settleAll(deps: GenerateDeps, trx: Tx, items: SettleItem[]): Prom
   }
   for (const item of items) {
     const row = rows.get(item);
-    const event: WebhookEvent | undefined = item.settlement.kind === 'completed' || (item.settlement.kind === 'failed' && item.settlement.failure.final) ? 'completed' : undefined;
+    const event: WebhookEvent | undefined =
+      item.settlement.kind === 'completed' || (item.settlement.kind === 'failed' && item.settlement.failure.final) ? 'completed' : undefined;
     if (row && event) await enqueueWebhook(deps.boss, trx, row, event, deps.config);
   }
   const db = fromKysely(trx);
@@ -256,7 +258,14 @@ interface OutputName {
 }
 
 /** Normalises an output, writes it and its thumbnail (recording both in `written`), and describes it. */
-async function storeOutput(deps: GenerateDeps, imageWork: Semaphore, name: OutputName, data: Buffer, params: ResolvedParameters, written: string[]): Promise<Output> {
+async function storeOutput(
+  deps: GenerateDeps,
+  imageWork: Semaphore,
+  name: OutputName,
+  data: Buffer,
+  params: ResolvedParameters,
+  written: string[],
+): Promise<Output> {
   const { index } = name;
   if (data.length > deps.config.MAX_IMAGE_BYTES) {
     throw new ProviderError('retryable', `output ${index + 1} of the provider is ${data.length} bytes, over the ${deps.config.MAX_IMAGE_BYTES}-byte limit`);
@@ -278,7 +287,14 @@ async function storeOutput(deps: GenerateDeps, imageWork: Semaphore, name: Outpu
   await deps.storage.write(thumb, thumbnail);
   written.push(file);
   await deps.storage.write(file, normalized.data);
-  return { url: `/media/${file}`, width: normalized.width, height: normalized.height, format: normalized.format, bytes: normalized.bytes, thumbnail_url: `/media/${thumb}` };
+  return {
+    url: `/media/${file}`,
+    width: normalized.width,
+    height: normalized.height,
+    format: normalized.format,
+    bytes: normalized.bytes,
+    thumbnail_url: `/media/${thumb}`,
+  };
 }
 
 /**

@@ -47,7 +47,9 @@ export async function removeStrayOutputs(db: Database, storage: MediaStorage, ol
     const stray = chunk.filter(({ name, jobId, attempt }) => {
       const job = owners.get(jobId);
       if (!job) return true;
-      const referenced = ((job.outputs ?? []) as { url: string; thumbnail_url?: string }[]).some((o) => o.url === `/media/${name}` || o.thumbnail_url === `/media/${name}`);
+      const referenced = ((job.outputs ?? []) as { url: string; thumbnail_url?: string }[]).some(
+        (o) => o.url === `/media/${name}` || o.thumbnail_url === `/media/${name}`,
+      );
       if (referenced) return false;
       return !['queued', 'processing'].includes(job.status) || attempt < job.attempts;
     });

@@ -65,7 +65,9 @@ export async function runRetention(deps: RetentionDeps, options: RetentionOption
 /** The stored names of the jobs' outputs and thumbnails. */
 function filesOf(jobs: RetiredJob[]): string[] {
   return jobs.flatMap((job) =>
-    (job.outputs as Output[]).flatMap((o) => [o.url, o.thumbnail_url].filter((u): u is string => typeof u === 'string').map((u) => u.slice(u.lastIndexOf('/') + 1))),
+    (job.outputs as Output[]).flatMap((o) =>
+      [o.url, o.thumbnail_url].filter((u): u is string => typeof u === 'string').map((u) => u.slice(u.lastIndexOf('/') + 1)),
+    ),
   );
 }
 

@@ -163,7 +163,10 @@ export function startSlotLoop<Q extends QueueName>(options: SlotLoopOptions<Q>):
     if (due.length === 0) return;
     beating = true;
     boss
-      .touch(queue, due.map((j) => ({ id: j.id, retryCount: j.retryCount })))
+      .touch(
+        queue,
+        due.map((j) => ({ id: j.id, retryCount: j.retryCount })),
+      )
       .then((res) => {
         const settled = (res as { settled?: string[] }).settled;
         if (!settled) return;

@@ -90,7 +90,8 @@ export async function waitFor<T>(fn: () => Promise<T | undefined>, what: string,
     } catch (err) {
       last = err;
     }
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${last instanceof Error ? last.message : JSON.stringify(last)}` : ''}`);
+    if (Date.now() > deadline)
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${last instanceof Error ? last.message : JSON.stringify(last)}` : ''}`);
     await new Promise((r) => setTimeout(r, intervalMs));
   }
 }
@@ -106,7 +107,13 @@ export interface StatusBody {
 }
 
 /** Polls GET /status/{id} until the job reaches one of `statuses`. */
-export async function waitForStatus(baseUrl: string, id: string, statuses: string[] = ['completed', 'failed', 'canceled'], timeoutMs = 30_000, headers: Record<string, string> = {}): Promise<StatusBody> {
+export async function waitForStatus(
+  baseUrl: string,
+  id: string,
+  statuses: string[] = ['completed', 'failed', 'canceled'],
+  timeoutMs = 30_000,
+  headers: Record<string, string> = {},
+): Promise<StatusBody> {
   return waitFor(
     async () => {
       const res = await fetch(`${baseUrl}/status/${id}`, { headers });
@@ -131,7 +138,13 @@ export async function createApiKey(databaseUrl: string, options: { name?: string
   const db = createDatabase(createPool({ connectionString: databaseUrl, max: 1, applicationName: 'test:keys' }));
   try {
     const material = generateApiKey();
-    await insertApiKey(db, { name: options.name ?? 'test', prefix: material.prefix, hash: material.hash, operator: options.operator ?? false, maxPriority: options.maxPriority });
+    await insertApiKey(db, {
+      name: options.name ?? 'test',
+      prefix: material.prefix,
+      hash: material.hash,
+      operator: options.operator ?? false,
+      maxPriority: options.maxPriority,
+    });
     return material.key;
   } finally {
     await db.destroy();

@@ -172,9 +172,7 @@ export const DEFAULT_TOKEN = 'r8_local_test_token_0123456789abcdef';
 
 export async function startLocalReplicate(options: LocalReplicateOptions = {}): Promise<LocalReplicate> {
   const token = options.token ?? DEFAULT_TOKEN;
-  const models = new Map<string, FakeModel>(
-    (options.models ?? [{ name: 'black-forest-labs/flux-schnell' }]).map((m) => [m.name, m]),
-  );
+  const models = new Map<string, FakeModel>((options.models ?? [{ name: 'black-forest-labs/flux-schnell' }]).map((m) => [m.name, m]));
   const versions = new Map(Object.entries(options.versions ?? {}));
   const events = new EventEmitter();
   const imageCache = new Map<string, Promise<Buffer>>();
@@ -343,7 +341,9 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
 
   const sizeOf = (p: FakePrediction): [number, number] => {
     if (typeof p.input.width === 'number' && typeof p.input.height === 'number') return [p.input.width, p.input.height];
-    const [w, h] = String(p.input.aspect_ratio ?? '1:1').split(':').map(Number);
+    const [w, h] = String(p.input.aspect_ratio ?? '1:1')
+      .split(':')
+      .map(Number);
     const pixels = p.input.megapixels === '0.25' ? 512 * 512 : 1024 * 1024;
     const scale = Math.sqrt(pixels / (w * h));
     return [Math.round((w * scale) / 16) * 16, Math.round((h * scale) / 16) * 16];
@@ -525,8 +525,7 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
       switch (fault.kind) {
         case 'rate-limit': {
           const seconds = fault.retryAfter ?? 1;
-          const header: Record<string, string> =
-            fault.header === false ? {} : { 'retry-after': fault.header ?? String(Math.max(1, Math.ceil(seconds))) };
+          const header: Record<string, string> = fault.header === false ? {} : { 'retry-after': fault.header ?? String(Math.max(1, Math.ceil(seconds))) };
           return sendJson(
             res,
             record,
@@ -542,7 +541,13 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
         }
         case 'server-error': {
           const status = fault.status ?? 503;
-          return sendJson(res, record, status, problem(status, 'Service Unavailable', 'The service is temporarily unavailable.'), fault.retryAfterHeader ? { 'retry-after': fault.retryAfterHeader } : {});
+          return sendJson(
+            res,
+            record,
+            status,
+            problem(status, 'Service Unavailable', 'The service is temporarily unavailable.'),
+            fault.retryAfterHeader ? { 'retry-after': fault.retryAfterHeader } : {},
+          );
         }
         case 'drop':
           req.socket.destroy();
@@ -569,7 +574,9 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
             res,
             record,
             429,
-            problem(429, 'Request was throttled', `Request was throttled. Expected available in ${whole} second${whole === 1 ? '' : 's'}.`, { retry_after: throttled }),
+            problem(429, 'Request was throttled', `Request was throttled. Expected available in ${whole} second${whole === 1 ? '' : 's'}.`, {
+              retry_after: throttled,
+            }),
             { 'retry-after': String(whole) },
           );
         }
@@ -609,7 +616,12 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
           const match = /^wait(?:=(\d+))?$/.exec(String(prefer).trim());
           const seconds = match ? (match[1] === undefined ? 60 : Number(match[1])) : NaN;
           if (!(seconds >= 1 && seconds <= 60)) {
-            return sendJson(res, record, 400, problem(400, 'Invalid Prefer header', `Prefer must be "wait" or "wait=n" with n from 1 to 60, got ${JSON.stringify(prefer)}`));
+            return sendJson(
+              res,
+              record,
+              400,
+              problem(400, 'Invalid Prefer header', `Prefer must be "wait" or "wait=n" with n from 1 to 60, got ${JSON.stringify(prefer)}`),
+            );
           }
           waitMs = Math.min(seconds * 1000, state.scenario.preferWaitCapMs ?? Infinity);
         }
@@ -666,7 +678,8 @@ export async function startLocalReplicate(options: LocalReplicateOptions = {}): 
     const input = request.input ?? {};
     const errors: { loc: string[]; msg: string; type: string }[] = [];
     for (const key of ['width', 'height'] as const) {
-      if (input[key] !== undefined && !Number.isInteger(input[key])) errors.push({ loc: ['body', 'input', key], msg: 'value is not a valid integer', type: 'type_error.integer' });
+      if (input[key] !== undefined && !Number.isInteger(input[key]))
+        errors.push({ loc: ['body', 'input', key], msg: 'value is not a valid integer', type: 'type_error.integer' });
     }
     if (typeof input.prompt !== 'string') errors.push({ loc: ['body', 'input', 'prompt'], msg: 'field required', type: 'value_error.missing' });
     if (errors.length > 0) return sendJson(res, record, 422, { detail: errors });

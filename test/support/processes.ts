@@ -53,7 +53,9 @@ export async function startWorkerProcess(databaseUrl: string, env: Record<string
 }
 
 export async function createCallLog(databaseUrl: string): Promise<void> {
-  await withClient(databaseUrl, (c) => c.query('create table test_provider_calls (job_id uuid not null, pid int not null, at timestamptz not null default now())'));
+  await withClient(databaseUrl, (c) =>
+    c.query('create table test_provider_calls (job_id uuid not null, pid int not null, at timestamptz not null default now())'),
+  );
 }
 
 /** Provider calls per job id. */
@@ -71,7 +73,16 @@ export interface ApiProcess {
 /** A real API process (src/main-api.ts, as production runs it) on an ephemeral loopback port. */
 export async function startApiProcess(databaseUrl: string, env: Record<string, string>): Promise<ApiProcess> {
   const child = fork(fileURLToPath(new URL('../../src/main-api.ts', import.meta.url)), [], {
-    env: { PATH: process.env.PATH, DATABASE_URL: databaseUrl, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'info', RUN_MIGRATIONS: 'false', DATABASE_POOL_MAX: '5', ...env },
+    env: {
+      PATH: process.env.PATH,
+      DATABASE_URL: databaseUrl,
+      PORT: '0',
+      HOST: '127.0.0.1',
+      LOG_LEVEL: 'info',
+      RUN_MIGRATIONS: 'false',
+      DATABASE_POOL_MAX: '5',
+      ...env,
+    },
     execArgv: [],
     stdio: ['ignore', 'pipe', 'inherit', 'ipc'],
   });

@@ -59,7 +59,10 @@ export async function openSse(url: string, headers: Record<string, string> = {})
       events.length >= n
         ? Promise.resolve(events.slice(0, n))
         : new Promise((resolve, reject) => {
-            const timer = setTimeout(() => reject(new Error(`only ${events.length} of ${n} events after ${timeoutMs} ms: ${JSON.stringify(events)}`)), timeoutMs);
+            const timer = setTimeout(
+              () => reject(new Error(`only ${events.length} of ${n} events after ${timeoutMs} ms: ${JSON.stringify(events)}`)),
+              timeoutMs,
+            );
             waiters.push({ n, resolve: () => (clearTimeout(timer), resolve(events.slice(0, n))) });
           }),
     close: () => controller.abort(),

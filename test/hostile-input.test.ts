@@ -570,12 +570,10 @@ const families: Record<string, Family> = {
     runs: 260,
     // every edge prompt once, alone (a bad `parameters` next to it would hide how the prompt is handled)
     examples: [...blankish, ...unicodeEdges, ...hugeStrings].map((prompt) => jsonRequest('POST /generate with an edge-case prompt', '/generate', { prompt })),
-    arb: fc
-      .tuple(submissionArb, fc.option(idempotencyKeys, { nil: undefined }))
-      .map(([json, key]) => ({
-        ...jsonRequest('POST /generate with a generated body', '/generate', json, key === undefined ? [] : [['Idempotency-Key', key]]),
-        ...(validKey(key) ? {} : { twoXX: 'never' as const }),
-      })),
+    arb: fc.tuple(submissionArb, fc.option(idempotencyKeys, { nil: undefined })).map(([json, key]) => ({
+      ...jsonRequest('POST /generate with a generated body', '/generate', json, key === undefined ? [] : [['Idempotency-Key', key]]),
+      ...(validKey(key) ? {} : { twoXX: 'never' as const }),
+    })),
   },
   'generate: malformed and deep bodies, content types, encodings': {
     runs: 140,

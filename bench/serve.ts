@@ -19,9 +19,9 @@ const reportStarts = process.env.BENCH_REPORT_STARTS === '1';
 const latencyByPrompt = process.env.BENCH_LATENCY_BY_PROMPT === '1';
 
 // In-flight accounting: current, maximum, and the time integral (for the time-weighted mean).
-const counters = {
-  inflight: 0,
-  maxInflight: 0,
+const freshCounters = (inflight: number) => ({
+  inflight,
+  maxInflight: inflight,
   maxAt: 0,
   started: 0,
   finished: 0,
@@ -31,7 +31,8 @@ const counters = {
   firstStart: 0,
   firstEnd: 0,
   lastEnd: 0,
-};
+});
+const counters = freshCounters(0);
 function change(delta: number): void {
   const t = nowMs();
   counters.area += counters.inflight * (t - counters.last);
@@ -161,18 +162,7 @@ process.on('message', (m: { cmd: string; id: number }) => {
       break;
     }
     case 'reset':
-      Object.assign(counters, {
-        maxInflight: counters.inflight,
-        maxAt: 0,
-        started: 0,
-        finished: 0,
-        area: 0,
-        since: nowMs(),
-        last: nowMs(),
-        firstStart: 0,
-        firstEnd: 0,
-        lastEnd: 0,
-      });
+      Object.assign(counters, freshCounters(counters.inflight));
       reply({});
       break;
     case 'stop':

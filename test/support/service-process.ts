@@ -1,7 +1,7 @@
 // `npm start` as a user runs it: `node src/main.ts` (API, worker, embedded Postgres) in a folder of its
 // own, in a process group of its own (as a terminal's foreground job), its JSON log lines collected.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -37,7 +37,11 @@ export async function freePort(): Promise<number> {
 }
 
 export function newFolder(prefix = 'first-run-'): string {
-  return mkdtempSync(path.join(tmpdir(), prefix));
+  const folder = mkdtempSync(path.join(tmpdir(), prefix));
+  // mkdtemp makes it 0700: as root, the embedded Postgres (run as `postgres`) could not reach a data dir
+  // inside it and would be placed under /var/tmp instead, outliving the folder's cleanup.
+  chmodSync(folder, 0o755);
+  return folder;
 }
 
 export function startServiceProcess(cwd: string, env: Record<string, string>): ServiceProcess {

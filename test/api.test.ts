@@ -1,5 +1,8 @@
 // The HTTP contract: the original request and response shapes, the served image, and every kind of
 // bad input answered with problem+json naming the problem.
+import { writeFileSync } from 'node:fs';
+import path from 'node:path';
+import sharp from 'sharp';
 import { probeImage } from '../src/media/normalize.ts';
 import { startTestService, submit, waitForStatus, type TestService } from './support/harness.ts';
 import { mediaPath, tokenOf } from './support/media-names.ts';
@@ -161,14 +164,27 @@ describe('GET /media/{file}', () => {
     ['/media/%2e%2e%2f%2e%2e%2fetc%2fpasswd', 400],
     ['/media/.tmp-abc.png', 400],
     ['/media/00000000-0000-4000-8000-000000000000.gif', 400],
-    // the pre-attempt-scoped shape is no longer a name we write
-    ['/media/00000000-0000-4000-8000-000000000000.png', 400],
+    ['/media/00000000-0000-4000-8000-000000000000-1-abc.png', 400],
   ])('refuses %s', async (path, status) => {
     await expectProblem(await fetch(`${svc.baseUrl}${path}`), status, 'file');
   });
 
   test('an absent file is 404', async () => {
     await expectProblem(await fetch(`${svc.baseUrl}/media/00000000-0000-4000-8000-000000000000-1-${'0'.repeat(32)}.png`), 404);
+    await expectProblem(await fetch(`${svc.baseUrl}/media/00000000-0000-4000-8000-000000000000.png`), 404);
+  });
+
+  test('outputs written by earlier versions (named <job_id>[-n].<ext>) are still served', async () => {
+    const png = await sharp({ create: { width: 8, height: 8, channels: 3, background: '#808080' } })
+      .png()
+      .toBuffer();
+    const id = '11111111-1111-4111-8111-111111111111';
+    for (const name of [`${id}.png`, `${id}-1.png`, `${id}.thumb.webp`]) {
+      writeFileSync(path.join(svc.config.MEDIA_DIR, name), png);
+      const res = await fetch(`${svc.baseUrl}/media/${name}`);
+      expect(res.status).toBe(200);
+      expect(Buffer.from(await res.arrayBuffer()).equals(png)).toBe(true);
+    }
   });
 });
 

@@ -572,7 +572,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description A file name as it appears in `result_url` or `outputs[].url`: `<job_id>-<attempt>-<token>[-<index>].<ext>`, where the token is 128 random bits drawn for the attempt that wrote it (names are unguessable, and no two attempts share one). */
+                /** @description A file name as it appears in `result_url` or `outputs[].url`: `<job_id>-<attempt>-<token>[-<index>].<ext>`, where the token is 128 random bits drawn for the attempt that wrote it (names are unguessable, and no two attempts share one). Outputs written by earlier versions keep their names, `<job_id>[-<index>].<ext>`, and are still served. */
                 file: string;
             };
             cookie?: never;

@@ -234,27 +234,15 @@ function renderJob(job) {
     state.push(el('progress', { max: 1, value: job.progress, ariaLabel: 'progress' }), el('span', { textContent: ` ${Math.round(job.progress * 100)}%` }));
   }
   const error = job.error ?? job.last_error;
-  const actions = [];
-  if (!TERMINAL.has(job.status))
-    actions.push(
-      el('button', {
-        type: 'button',
-        className: 'secondary',
-        textContent: 'Cancel',
-        dataset: { action: 'cancel', jobId: job.job_id },
-        onclick: () => cancel(job.job_id),
-      }),
-    );
-  if (TERMINAL.has(job.status))
-    actions.push(
-      el('button', {
-        type: 'button',
-        className: 'secondary',
-        textContent: 'Run again',
-        dataset: { action: 'again', jobId: job.job_id },
-        onclick: () => runAgain(job.job_id),
-      }),
-    );
+  // A job still running can be canceled; a finished one can be run again.
+  const finished = TERMINAL.has(job.status);
+  const action = el('button', {
+    type: 'button',
+    className: 'secondary',
+    textContent: finished ? 'Run again' : 'Cancel',
+    dataset: { action: finished ? 'again' : 'cancel', jobId: job.job_id },
+    onclick: () => (finished ? runAgain : cancel)(job.job_id),
+  });
 
   return el(
     'li',
@@ -268,7 +256,7 @@ function renderJob(job) {
     el('div', { className: 'job-facts', textContent: facts.join(' · ') }),
     state.length ? el('div', { className: 'job-state' }, ...state) : undefined,
     error ? el('div', { className: 'error', textContent: `${job.status === 'failed' ? 'Error' : 'Last error (will retry)'}: ${error}` }) : undefined,
-    actions.length ? el('div', { className: 'actions' }, ...actions) : undefined,
+    el('div', { className: 'actions' }, action),
   );
 }
 

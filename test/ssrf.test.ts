@@ -7,7 +7,7 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo, LookupFunction } from 'node:net';
 import { createLogger } from '../src/logger.ts';
 import { checkOutboundUrl, forbiddenRange, parseCidr } from '../src/net/outbound.ts';
-import { checkWebhookUrl, deliverWebhook, enqueueWebhook } from '../src/webhooks/webhook.service.ts';
+import { checkWebhookUrl, createWebhookDelivery, enqueueWebhook } from '../src/webhooks/webhook.service.ts';
 import { startTestService, submit, waitFor, waitForStatus, type TestService } from './support/harness.ts';
 
 let receiver: Server;
@@ -142,7 +142,7 @@ describe('DNS rebinding', () => {
     const deliveryId = await pendingDelivery(svc, url);
 
     const deps = { db: svc.db, boss: svc.boss, config: svc.config, logger: createLogger('silent'), lookup };
-    expect(await deliverWebhook(deps, deliveryId, false)).toBe('refused');
+    expect(await createWebhookDelivery(deps)(deliveryId, false)).toBe('refused');
     expect(calls).toEqual(['hooks.rebind.test', 'hooks.rebind.test']); // resolved again, as it connected
     expect(received).toEqual([]);
     const row = await svc.db.selectFrom('webhook_deliveries').selectAll().where('id', '=', deliveryId).executeTakeFirstOrThrow();
@@ -158,7 +158,7 @@ describe('DNS rebinding', () => {
     await checkWebhookUrl(url, svc.config, lookup);
     const deliveryId = await pendingDelivery(svc, url);
     const deps = { db: svc.db, boss: svc.boss, config: svc.config, logger: createLogger('silent'), lookup };
-    expect(await deliverWebhook(deps, deliveryId, false)).toBe('delivered');
+    expect(await createWebhookDelivery(deps)(deliveryId, false)).toBe('delivered');
     expect(received).toEqual(['POST /hook']);
   });
 

@@ -91,15 +91,34 @@ export interface DeliveryDeps {
  */
 export type DeliveryOutcome = 'delivered' | 'refused' | 'deferred' | 'skipped';
 
+export type DeliverWebhook = (deliveryId: string, lastTry: boolean, signal?: AbortSignal) => Promise<DeliveryOutcome>;
+
+/**
+ * The delivery of one worker: its guarded agents and per-host places are made once, here, and shared by
+ * its deliveries.
+ */
+export function createWebhookDelivery(deps: DeliveryDeps): DeliverWebhook {
+  const outbound: Outbound = {
+    agents: createOutboundAgents({ allowedCidrs: deps.config.WEBHOOK_ALLOWED_CIDRS, lookup: deps.lookup }),
+    hosts: createHostLimiter(deps.config.WEBHOOK_HOST_CONCURRENCY),
+  };
+  return (deliveryId, lastTry, signal) => deliverWebhook(deps, outbound, deliveryId, lastTry, signal);
+}
+
 /**
  * Tries a delivery once. Resolves when the receiver answered 2xx (or it was delivered before); throws
  * WebhookDeliveryError otherwise, so the queue retries it. `lastTry` marks the row failed for good.
  */
-export async function deliverWebhook(deps: DeliveryDeps, deliveryId: string, lastTry: boolean, signal?: AbortSignal): Promise<DeliveryOutcome> {
-  const delivery = await deps.db.selectFrom('webhook_deliveries').selectAll().where('id', '=', deliveryId).executeTakeFirst();
+async function deliverWebhook(deps: DeliveryDeps, outbound: Outbound, deliveryId: string, lastTry: boolean, signal?: AbortSignal): Promise<DeliveryOutcome> {
+  const delivery = await deps.db
+    .selectFrom('webhook_deliveries')
+    .innerJoin('jobs', 'jobs.id', 'webhook_deliveries.job_id')
+    .selectAll('webhook_deliveries')
+    .select('jobs.owner_id')
+    .where('webhook_deliveries.id', '=', deliveryId)
+    .executeTakeFirst();
   if (!delivery || delivery.status !== 'pending') return 'skipped';
-  const { owner_id } = await deps.db.selectFrom('jobs').select('owner_id').where('id', '=', delivery.job_id).executeTakeFirstOrThrow();
-  const secret = await getWebhookSecret(deps.db, owner_id, deps.config.WEBHOOK_SECRET);
+  const secret = await getWebhookSecret(deps.db, delivery.owner_id, deps.config.WEBHOOK_SECRET);
   const body = JSON.stringify(delivery.payload);
   const timestamp = Math.floor(Date.now() / 1000);
   const started = performance.now();
@@ -115,7 +134,7 @@ export async function deliverWebhook(deps: DeliveryDeps, deliveryId: string, las
   };
   const host = hostOf(delivery.url);
   try {
-    statusCode = await post(deps, delivery.url, body, headers, signal);
+    statusCode = await post(deps, outbound, delivery.url, body, headers, signal);
     if (statusCode < 200 || statusCode >= 300) error = `the receiver answered ${statusCode}`;
   } catch (err) {
     if (err instanceof HostBusy) {
@@ -166,21 +185,6 @@ interface Outbound {
   agents: OutboundAgents;
   hosts: HostLimiter;
 }
-// Per worker (its deps object): the guarded agents and the per-host places they share.
-const outbounds = new WeakMap<DeliveryDeps, Outbound>();
-
-function outboundOf(deps: DeliveryDeps): Outbound {
-  let outbound = outbounds.get(deps);
-  if (!outbound) {
-    outbound = {
-      agents: createOutboundAgents({ allowedCidrs: deps.config.WEBHOOK_ALLOWED_CIDRS, lookup: deps.lookup }),
-      hosts: createHostLimiter(deps.config.WEBHOOK_HOST_CONCURRENCY),
-    };
-    outbounds.set(deps, outbound);
-  }
-  return outbound;
-}
-
 function hostOf(url: string): string {
   try {
     return new URL(url).hostname;
@@ -194,10 +198,10 @@ function hostOf(url: string): string {
  * reads at most RESPONSE_BYTES_MAX of the answer. Resolves with the status code; throws HostBusy when
  * the host had no free place in time, and an error with code EFORBIDDENADDRESS when refused.
  */
-async function post(deps: DeliveryDeps, url: string, body: string, headers: Record<string, string>, signal?: AbortSignal): Promise<number> {
+async function post(deps: DeliveryDeps, outbound: Outbound, url: string, body: string, headers: Record<string, string>, signal?: AbortSignal): Promise<number> {
   const shape = urlShapeProblem(url);
   if (shape) throw Object.assign(new Error(`the URL ${shape}`), { code: 'EFORBIDDENADDRESS' });
-  const { agents, hosts } = outboundOf(deps);
+  const { agents, hosts } = outbound;
   const release = await hosts.acquire(hostOf(url), HOST_WAIT_MS);
   if (!release) throw new HostBusy();
   try {

@@ -3,7 +3,7 @@
 import type { PgBoss } from 'pg-boss';
 import type { Metrics } from '../metrics.ts';
 import { WEBHOOK } from '../queue/queue.ts';
-import { deliverWebhook, type DeliveryDeps } from '../webhooks/webhook.service.ts';
+import { createWebhookDelivery, type DeliveryDeps } from '../webhooks/webhook.service.ts';
 import type { SlotJob } from './slots.ts';
 
 export interface WebhookHandlerDeps extends DeliveryDeps {
@@ -12,12 +12,13 @@ export interface WebhookHandlerDeps extends DeliveryDeps {
 }
 
 export function createWebhookHandler(deps: WebhookHandlerDeps): (job: SlotJob<'webhook'>, signal: AbortSignal) => Promise<void> {
+  const deliver = createWebhookDelivery(deps);
   return async (job, signal) => {
     const attempt = { id: job.id, retryCount: job.retryCount };
     try {
       // delivered, refused (never retried), deferred (handed back to the queue as a new job), skipped:
       // in every case this queue job is done.
-      const outcome = await deliverWebhook(deps, job.data.deliveryId, job.retryCount >= job.retryLimit, signal);
+      const outcome = await deliver(job.data.deliveryId, job.retryCount >= job.retryLimit, signal);
       deps.metrics.webhookDeliveries.inc({ outcome });
       await deps.boss.complete(WEBHOOK, attempt);
     } catch (err) {
